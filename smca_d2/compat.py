@@ -1,0 +1,228 @@
+"""Differences between detectron2 versions, handled in one place.
+
+smca_d2 runs on two kinds of detectron2:
+
+* a full build (official ``main`` with the compiled ``detectron2._C``), as GPU users have;
+* the pure-Python ``v0.6`` package without ``_C`` that ``make`` installs on machines where
+  detectron2 cannot be compiled.
+
+:func:`apply` is called when ``smca_d2`` is imported, before any detectron2 submodule. Every fix
+here is a no-op where detectron2 (or its environment) already provides the thing.
+"""
+import functools
+import importlib
+import importlib.util
+import inspect
+import logging
+import sys
+import types
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["HAS_C", "apply", "launch", "create_ddp_model", "MissingExtensionError"]
+
+logger = logging.getLogger(__name__)
+
+_EXT_NAME = "detectron2._C"
+
+
+class MissingExtensionError(AttributeError):
+    """Raised when code reaches for an op of detectron2's compiled extension, which is absent."""
+
+
+class _MissingExtension(types.ModuleType):
+    """Stands in for ``detectron2._C`` so that modules importing it (deformable conv, rotated boxes)
+    still import. SMCA uses none of these ops; calling one fails with a clear message."""
+
+    def __init__(self):
+        super().__init__(_EXT_NAME)
+        self.__file__ = None
+
+    @staticmethod
+    def get_compiler_version():  # read by detectron2.utils.collect_env
+        return "n/a (detectron2 installed without its C++ extension)"
+
+    @staticmethod
+    def get_cuda_version():
+        return "n/a"
+
+    @staticmethod
+    def has_cuda():
+        return False
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise MissingExtensionError(
+            f"detectron2._C.{name} is not available: this detectron2 was installed without its "
+            "compiled C++/CUDA extension. smca_d2 does not need it, but the op you called does "
+            "(deformable convolution, rotated boxes, ...). Install a full detectron2 build to use it."
+        )
+
+
+def _has_compiled_extension() -> bool:
+    module = sys.modules.get(_EXT_NAME)
+    if module is not None:
+        return not isinstance(module, _MissingExtension)
+    return importlib.util.find_spec(_EXT_NAME) is not None
+
+
+def _patch_pkg_resources():
+    # detectron2.model_zoo does `import pkg_resources` (removed from setuptools >= 81).
+    if importlib.util.find_spec("pkg_resources") is None:
+        shim = types.ModuleType("pkg_resources")
+
+        def resource_filename(package, resource):
+            spec = importlib.util.find_spec(package)
+            base = spec.submodule_search_locations[0]
+            return f"{base}/{resource}"
+
+        shim.resource_filename = resource_filename
+        sys.modules["pkg_resources"] = shim
+
+
+def _patch_pillow():
+    # Pillow >= 10 removed Image.LINEAR; detectron2 v0.6 uses it as a default argument.
+    from PIL import Image
+
+    if not hasattr(Image, "LINEAR"):
+        Image.LINEAR = Image.BILINEAR
+
+
+def _patch_coco_evaluator():
+    # COCOEvaluator(use_fast_impl=True), its default, needs _C: fall back to pycocotools.
+    from pycocotools.cocoeval import COCOeval
+
+    from detectron2.evaluation import coco_evaluation
+
+    coco_evaluation.COCOeval_opt = COCOeval
+
+
+HAS_C = False
+_applied = False
+
+
+def apply():
+    """Make the installed detectron2 usable by smca_d2. Idempotent."""
+    global HAS_C, _applied
+    if _applied:
+        return
+    _patch_pkg_resources()
+    _patch_pillow()
+    HAS_C = _has_compiled_extension()
+    if not HAS_C:
+        sys.modules[_EXT_NAME] = _MissingExtension()
+        import detectron2
+
+        detectron2._C = sys.modules[_EXT_NAME]
+        _patch_coco_evaluator()
+    _applied = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-process launch
+# ---------------------------------------------------------------------------------------------
+DEFAULT_TIMEOUT = timedelta(minutes=30)
+
+
+@functools.lru_cache(maxsize=None)
+def _detectron2_launch_supports_cpu() -> bool:
+    launch_module = importlib.import_module("detectron2.engine.launch")
+    return "GLOO" in inspect.getsource(launch_module)
+
+
+def launch(
+    main_func,
+    num_gpus_per_machine,
+    num_machines=1,
+    machine_rank=0,
+    dist_url=None,
+    args=(),
+    timeout=DEFAULT_TIMEOUT,
+):
+    """:func:`detectron2.engine.launch`, also on machines without a GPU.
+
+    detectron2 ``main`` picks GLOO when there is no GPU; ``v0.6`` hard-codes NCCL and asserts
+    CUDA. Where detectron2's own launch can do the job it is used unchanged. ``num_gpus_per_machine``
+    is the number of processes per machine (one per GPU, or CPU workers without GPUs).
+    """
+    from detectron2.engine import launch as d2_launch
+
+    if torch.cuda.is_available() or _detectron2_launch_supports_cpu():
+        return d2_launch(
+            main_func,
+            num_gpus_per_machine,
+            num_machines=num_machines,
+            machine_rank=machine_rank,
+            dist_url=dist_url,
+            args=args,
+            timeout=timeout,
+        )
+    world_size = num_machines * num_gpus_per_machine
+    if world_size <= 1:
+        return main_func(*args)
+    if dist_url == "auto":
+        if num_machines != 1:
+            raise ValueError("dist_url=auto is not supported for multi-machine jobs.")
+        from detectron2.engine.launch import _find_free_port
+
+        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
+    torch.multiprocessing.start_processes(
+        _cpu_worker,
+        nprocs=num_gpus_per_machine,
+        args=(
+            main_func,
+            world_size,
+            num_gpus_per_machine,
+            machine_rank,
+            dist_url,
+            args,
+            timeout,
+        ),
+        daemon=False,
+    )
+
+
+def _cpu_worker(
+    local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args, timeout
+):
+    from detectron2.utils import comm
+
+    apply()  # a spawned process starts fresh
+    global_rank = machine_rank * num_per_machine + local_rank
+    try:
+        dist.init_process_group(
+            backend="GLOO",
+            init_method=dist_url,
+            world_size=world_size,
+            rank=global_rank,
+            timeout=timeout,
+        )
+    except Exception as e:
+        logger.error("Process group URL: %s", dist_url)
+        raise e
+    if hasattr(comm, "create_local_process_group"):  # detectron2 main
+        comm.create_local_process_group(num_per_machine)
+    else:  # detectron2 v0.6
+        assert comm._LOCAL_PROCESS_GROUP is None
+        for i in range(world_size // num_per_machine):
+            ranks = list(range(i * num_per_machine, (i + 1) * num_per_machine))
+            group = dist.new_group(ranks)
+            if i == machine_rank:
+                comm._LOCAL_PROCESS_GROUP = group
+    comm.synchronize()
+    main_func(*args)
+
+
+def create_ddp_model(model, *, fp16_compression=False, **kwargs):
+    """:func:`detectron2.engine.create_ddp_model` that also accepts a model on the CPU
+    (``DistributedDataParallel`` needs ``device_ids=None`` there; detectron2 v0.6 passes the
+    local rank)."""
+    from detectron2.engine import create_ddp_model as d2_create_ddp_model
+
+    first = next(model.parameters(), None)
+    if first is not None and first.device.type == "cpu":
+        kwargs.setdefault("device_ids", None)
+    return d2_create_ddp_model(model, fp16_compression=fp16_compression, **kwargs)
