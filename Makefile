@@ -1,0 +1,25 @@
+# The README's two set-up commands: `make demo` and `make test`. Both create or reuse .venv/.
+PYTHON ?= python3
+VENV_PY := .venv/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-fast clean
+
+install:
+	@PYTHON=$(PYTHON) bash scripts/bootstrap.sh
+
+# Train SMCA on the generated dataset on the CPU, evaluate it and print the COCO AP table.
+demo: install
+	$(VENV_PY) datasets/prepare_synthetic.py
+	$(VENV_PY) train_net.py --config-file configs/demo/smca_r18_synthetic.py --num-gpus 1
+
+# Every test, the small end-to-end runs (marked `slow`) included.
+test: install
+	$(VENV_PY) -m pytest tests $(PYTEST_ARGS)
+
+# Unit tests only.
+test-fast: install
+	$(VENV_PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf .venv output .pytest_cache

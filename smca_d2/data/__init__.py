@@ -1,0 +1,1 @@
+"""Dataset tooling: synthetic COCO-format data and converters for small real datasets."""

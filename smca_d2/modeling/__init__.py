@@ -1,0 +1,1 @@
+"""SMCA-DETR modeling."""
