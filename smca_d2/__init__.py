@@ -4,3 +4,5 @@ from . import compat
 compat.apply()
 
 __version__ = "0.1.0"
+
+from . import modeling  # noqa: E402  (registers SMCADETR in detectron2's META_ARCH_REGISTRY)

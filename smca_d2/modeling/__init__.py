@@ -1,1 +1,11 @@
-"""SMCA-DETR modeling."""
+"""SMCA-DETR modeling: meta-architecture, encoders, modulated decoder, matcher, criterion."""
+from .attention import SpatiallyModulatedCoAttention, gaussian_log_weights
+from .criterion import SetCriterion, sigmoid_focal_loss
+from .decoder import SMCA_DECODER_REGISTRY, DecoderLayer, SMCADecoder
+from .encoder import SMCA_ENCODER_REGISTRY, MultiScaleEncoder, SingleScaleEncoder
+from .matcher import HungarianMatcher
+from .meta_arch import SMCADETR
+from .position_encoding import PositionEmbeddingSine
+from .transformer import SMCATransformer
+
+__all__ = [k for k in globals().keys() if not k.startswith("_")]

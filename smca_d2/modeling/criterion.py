@@ -185,6 +185,6 @@ class SetCriterion(nn.Module):
         """
         num_boxes = self._num_boxes(targets, outputs["pred_logits"].device)
         losses = self._weighted_losses(outputs, targets, num_boxes, suffix="")
-        for i, aux_outputs in enumerate(outputs.get("aux_outputs", [])):
+        for i, aux_outputs in enumerate(outputs.get("aux_outputs") or []):
             losses.update(self._weighted_losses(aux_outputs, targets, num_boxes, suffix=f"_{i}"))
         return losses

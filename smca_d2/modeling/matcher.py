@@ -55,13 +55,13 @@ class HungarianMatcher(nn.Module):
         )
 
     def _class_cost(self, logits: Tensor) -> Tensor:
-        """Focal cost of labelling each query with each class.
+        """Focal cost of labelling each query with the class of each target.
 
         Args:
-            logits: [Q, C] sigmoid logits, float32.
+            logits: [Q, N] sigmoid logit of each query for the class of each target, float32.
 
         Returns:
-            Tensor: [Q, C] cost of assigning a target of class ``c`` to query ``q``.
+            Tensor: [Q, N] cost of assigning target ``n`` to query ``q``.
         """
         prob = logits.sigmoid()
         alpha, gamma = self.focal_alpha, self.focal_gamma
@@ -85,12 +85,12 @@ class HungarianMatcher(nn.Module):
         logits = logits.float()
         boxes = boxes.float()
         tgt_boxes = tgt_boxes.to(device=boxes.device, dtype=torch.float32)
-        tgt_labels = tgt_labels.to(device=logits.device)
+        tgt_labels = tgt_labels.to(device=logits.device, dtype=torch.int64)
 
-        cost_class = self._class_cost(logits)[:, tgt_labels]
+        cost_class = self._class_cost(logits[:, tgt_labels])
         cost_bbox = torch.cdist(boxes, tgt_boxes, p=1)
-        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes))
-        return self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
+        giou = generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes))
+        return self.cost_bbox * cost_bbox + self.cost_class * cost_class - self.cost_giou * giou
 
     @torch.no_grad()
     def forward(

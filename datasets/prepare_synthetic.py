@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""Generate the synthetic shapes dataset in COCO format.
+
+Usage (from the repository root)::
+
+    python datasets/prepare_synthetic.py                   # -> $DETECTRON2_DATASETS/synthetic
+    python datasets/prepare_synthetic.py --num-train 2000 --seed 1 --output /tmp/shapes
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+try:
+    from smca_d2.data.synthetic import make_synthetic_coco
+except ImportError:  # not installed: run from a source checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from smca_d2.data.synthetic import make_synthetic_coco
+
+
+def default_output() -> str:
+    return os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), "synthetic")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add = parser.add_argument
+    add("--output", default=default_output(), help="dataset root (default: %(default)s)")
+    add("--num-train", type=int, default=800, help="training images (default: %(default)s)")
+    add("--num-val", type=int, default=100, help="validation images (default: %(default)s)")
+    add("--image-size", type=int, nargs=2, default=(128, 128), metavar=("H", "W"),
+        help="central image size (default: 128 128)")
+    add("--size-jitter", type=int, default=32,
+        help="each side varies by up to +-this many pixels (default: %(default)s)")
+    add("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    args = parser.parse_args(argv)
+
+    start = time.perf_counter()
+    paths = make_synthetic_coco(
+        args.output,
+        num_train=args.num_train,
+        num_val=args.num_val,
+        image_size=args.image_size,
+        size_jitter=args.size_jitter,
+        seed=args.seed,
+    )
+    elapsed = time.perf_counter() - start
+    for split in ("train", "val"):
+        with open(paths[f"{split}_json"]) as f:
+            coco = json.load(f)
+        print(
+            f"{split:5s}: {len(coco['images']):5d} images, {len(coco['annotations']):6d} boxes"
+            f" -> {paths[f'{split}_images']}, {paths[f'{split}_json']}"
+        )
+    print(f"categories: {', '.join(c['name'] for c in coco['categories'])}; done in {elapsed:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""SMCA's decoder: DETR decoder layers whose cross-attention is spatially modulated."""
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.utils.registry import Registry
+
+from .attention import (
+    SpatiallyModulatedCoAttention,
+    gaussian_log_weights,
+    padding_bias,
+    scale_channels,
+)
+
+SMCA_DECODER_REGISTRY = Registry("SMCA_DECODER")
+SMCA_DECODER_REGISTRY.__doc__ = "Transformer decoders of SMCA-DETR (called with keyword args)."
+
+
+class MLP(nn.Module):
+    """``num_layers`` Linear layers with ReLU between them."""
+
+    def __init__(self, input_dim, hidden_dim, output_dim, num_layers):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1)
+        self.layers = nn.ModuleList(
+            nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim])
+        )
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class DecoderLayer(nn.Module):
+    """Self-attention, spatially modulated co-attention, FFN; each with residual + post-norm.
+
+    Module names follow the official code (``point1``: center MLP, layer 0 only; ``point2``:
+    per-head offsets; ``point3``: per-head scales; ``norm4``: the LayerNorm of ``tgt + query_pos``
+    these are predicted from) so that its checkpoints map one to one.
+
+    Args:
+        predict_center: this layer predicts the queries' shared center (the first layer).
+        num_levels: feature levels attended to; > 1 adds the scale-selection weights.
+        scale_type: "fixed", "single" or "independent" (x/y) Gaussian scales per head.
+        modulate: False turns the spatial prior off (a plain DETR-style co-attention).
+    """
+
+    def __init__(
+        self,
+        *,
+        d_model=256,
+        nhead=8,
+        dim_feedforward=2048,
+        dropout=0.1,
+        predict_center=False,
+        num_levels=1,
+        scale_type="independent",
+        modulate=True,
+    ):
+        super().__init__()
+        self.nhead = nhead
+        self.num_levels = num_levels
+        self.modulate = modulate
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.multihead_attn = SpatiallyModulatedCoAttention(d_model, nhead, dropout=dropout)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
+
+        self.num_scales = scale_channels(scale_type)
+        self.point1 = MLP(d_model, d_model, 2, 3) if predict_center else None
+        self.point2 = nn.Linear(d_model, num_levels * nhead * 2) if modulate else None
+        self.point3 = (
+            nn.Linear(d_model, num_levels * nhead * self.num_scales)
+            if modulate and self.num_scales
+            else None
+        )
+        self.scale_selection = nn.Linear(d_model, num_levels) if num_levels > 1 else None
+        uses_norm4 = predict_center or modulate or num_levels > 1
+        self.norm4 = nn.LayerNorm(d_model) if uses_norm4 else None
+
+    def reset_scale_parameters(self):
+        """Scales start at 1: weight 0, bias 1 (their squares are used)."""
+        if self.point3 is not None:
+            nn.init.zeros_(self.point3.weight)
+            nn.init.ones_(self.point3.bias)
+
+    def _attention_biases(self, out, ref, key_padding_masks, level_shapes, level_strides, image_wh, beta):
+        if not self.modulate:
+            return [padding_bias(m, ref.shape[1]) for m in key_padding_masks]
+        b, q = out.shape[:2]
+        offsets = self.point2(out).view(b, q, self.num_levels, self.nhead, 2)
+        scales = None
+        if self.point3 is not None:
+            scales = self.point3(out).square().view(b, q, self.num_levels, self.nhead, self.num_scales)
+        biases = []
+        for level, (shape, stride, mask) in enumerate(zip(level_shapes, level_strides, key_padding_masks)):
+            # Shared center, in this level's feature cells, plus each head's offset.
+            center = (ref * image_wh[:, None, :] / stride)[:, :, None, :] + offsets[:, :, level]
+            level_scales = None if scales is None else scales[:, :, level].transpose(1, 2)
+            biases.append(gaussian_log_weights(center.transpose(1, 2), level_scales, shape, beta, mask))
+        return biases
+
+    def forward(
+        self,
+        tgt,
+        memory,
+        memory_with_pos,
+        query_pos,
+        key_padding_masks: Sequence[torch.Tensor],
+        level_shapes: Sequence[Tuple[int, int]],
+        level_strides: Sequence[int],
+        image_wh,
+        beta: float,
+        ref: Optional[torch.Tensor] = None,
+    ):
+        """
+        Args:
+            tgt, query_pos: [B, Q, C]
+            memory, memory_with_pos: [B, S, C], levels concatenated.
+            key_padding_masks: per level, bool [B, H_l * W_l].
+            level_shapes, level_strides: per level (H_l, W_l) and stride in pixels.
+            image_wh: float [B, 2], unpadded (width, height) of each image.
+            beta: Gaussian bandwidth.
+            ref: [B, Q, 2] normalized centers from the first layer (None in the first layer).
+
+        Returns:
+            (tgt [B, Q, C], ref_logit [B, Q, 2] or None, ref [B, Q, 2])
+        """
+        out = self.norm4(tgt + query_pos) if self.norm4 is not None else None
+        q = k = tgt + query_pos
+        tgt2 = self.self_attn(q, k, tgt, need_weights=False)[0]
+        tgt = self.norm1(tgt + self.dropout1(tgt2))
+
+        ref_logit = None
+        if self.point1 is not None:
+            ref_logit = self.point1(out)
+            ref = ref_logit.sigmoid()
+        biases = self._attention_biases(
+            out, ref, key_padding_masks, level_shapes, level_strides, image_wh, beta
+        )
+        level_weights = self.scale_selection(out).softmax(-1) if self.scale_selection is not None else None
+        tgt2 = self.multihead_attn(
+            tgt + query_pos,
+            memory_with_pos,
+            memory,
+            biases,
+            [h * w for h, w in level_shapes],
+            level_weights,
+        )
+        tgt = self.norm2(tgt + self.dropout2(tgt2))
+        tgt2 = self.linear2(self.dropout(F.relu(self.linear1(tgt))))
+        tgt = self.norm3(tgt + self.dropout3(tgt2))
+        return tgt, ref_logit, ref
+
+
+@SMCA_DECODER_REGISTRY.register()
+class SMCADecoder(nn.Module):
+    """``num_layers`` SMCA decoder layers; every layer's output goes through one shared LayerNorm.
+
+    The first layer predicts each query's center (normalized x, y, from an MLP on the query);
+    later layers reuse it: there is no refinement across layers, as in the paper.
+
+    Args:
+        beta: Gaussian bandwidth, ``log G = -D / beta`` (8 in the paper).
+        modulate: False gives the DETR-style baseline (same model, no Gaussian prior).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_layers=6,
+        d_model=256,
+        nhead=8,
+        dim_feedforward=2048,
+        dropout=0.1,
+        num_levels=1,
+        scale_type="independent",
+        beta=8.0,
+        modulate=True,
+    ):
+        super().__init__()
+        if beta <= 0:
+            raise ValueError(f"beta must be positive, got {beta}")
+        self.beta = float(beta)
+        self.num_levels = num_levels
+        self.layers = nn.ModuleList(
+            DecoderLayer(
+                d_model=d_model,
+                nhead=nhead,
+                dim_feedforward=dim_feedforward,
+                dropout=dropout,
+                predict_center=(i == 0),
+                num_levels=num_levels,
+                scale_type=scale_type,
+                modulate=modulate,
+            )
+            for i in range(num_layers)
+        )
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(
+        self,
+        memory,
+        pos,
+        query_pos,
+        key_padding_mask,
+        level_shapes: List[Tuple[int, int]],
+        level_strides: List[int],
+        image_wh,
+    ):
+        """
+        Args:
+            memory, pos: [B, S, C] encoder output and its position encoding (levels concatenated).
+            query_pos: [B, Q, C] learned query embeddings.
+            key_padding_mask: bool [B, S], True on padded cells.
+            level_shapes, level_strides: per level (H_l, W_l) and stride.
+            image_wh: float [B, 2] unpadded image (width, height).
+
+        Returns:
+            hs: [num_layers, B, Q, C] normalized outputs of every layer.
+            ref_logit: [B, Q, 2] the centers' logits (inverse sigmoid of normalized x, y).
+        """
+        if len(level_shapes) != self.num_levels:
+            raise ValueError(f"decoder built for {self.num_levels} levels, got {len(level_shapes)}")
+        masks = key_padding_mask.split([h * w for h, w in level_shapes], dim=1)
+        memory_with_pos = memory + pos
+        tgt = torch.zeros_like(query_pos)
+        ref = ref_logit = None
+        hs = []
+        for layer in self.layers:
+            tgt, layer_ref_logit, ref = layer(
+                tgt, memory, memory_with_pos, query_pos, masks, level_shapes, level_strides,
+                image_wh, self.beta, ref,
+            )
+            if layer_ref_logit is not None:
+                ref_logit = layer_ref_logit
+            hs.append(self.norm(tgt))
+        return torch.stack(hs), ref_logit

@@ -1,0 +1,110 @@
+"""Transformer encoders: DETR's single-scale encoder and SMCA's intra-/multi-scale encoder."""
+import copy
+from typing import List, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.utils.registry import Registry
+
+SMCA_ENCODER_REGISTRY = Registry("SMCA_ENCODER")
+SMCA_ENCODER_REGISTRY.__doc__ = "Transformer encoders of SMCA-DETR (called with keyword args)."
+
+
+class EncoderLayer(nn.Module):
+    """Post-norm self-attention + FFN block of DETR (8 heads, FFN 2048, dropout 0.1, ReLU)."""
+
+    def __init__(self, d_model=256, nhead=8, dim_feedforward=2048, dropout=0.1):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+
+    def forward(self, src, pos, key_padding_mask):
+        """
+        Args:
+            src, pos: [B, S, C]
+            key_padding_mask: bool [B, S], True on padded tokens.
+        """
+        q = k = src + pos
+        src2 = self.self_attn(q, k, src, key_padding_mask=key_padding_mask, need_weights=False)[0]
+        src = self.norm1(src + self.dropout1(src2))
+        src2 = self.linear2(self.dropout(F.relu(self.linear1(src))))
+        return self.norm2(src + self.dropout2(src2))
+
+
+def _clones(module, n):
+    return nn.ModuleList(copy.deepcopy(module) for _ in range(n))
+
+
+@SMCA_ENCODER_REGISTRY.register()
+class SingleScaleEncoder(nn.Module):
+    """DETR's encoder: ``num_layers`` self-attention layers over the tokens of one level."""
+
+    def __init__(self, *, num_layers=6, d_model=256, nhead=8, dim_feedforward=2048, dropout=0.1):
+        super().__init__()
+        self.layers = _clones(EncoderLayer(d_model, nhead, dim_feedforward, dropout), num_layers)
+
+    def forward(self, src, pos, key_padding_mask, level_sizes: Sequence[int]):
+        """
+        Args:
+            src, pos: [B, S, C]; key_padding_mask: bool [B, S].
+            level_sizes: token count of each level (must be one level).
+        """
+        if len(level_sizes) != 1:
+            raise ValueError(f"SingleScaleEncoder takes one feature level, got {len(level_sizes)}")
+        for layer in self.layers:
+            src = layer(src, pos, key_padding_mask)
+        return src
+
+
+@SMCA_ENCODER_REGISTRY.register()
+class MultiScaleEncoder(nn.Module):
+    """SMCA's multi-scale encoder: a sequence of intra-scale and multi-scale self-attention blocks.
+
+    An ``"intra"`` block lets each level's tokens attend only to tokens of the same level (one
+    layer, shared by the levels, applied per level: cheap). A ``"multi"`` block lets all levels'
+    tokens attend jointly. The paper's order is intra, intra, multi, intra, intra.
+    """
+
+    BLOCK_TYPES = ("intra", "multi")
+
+    def __init__(
+        self,
+        *,
+        block_types: Sequence[str] = ("intra", "intra", "multi", "intra", "intra"),
+        d_model=256,
+        nhead=8,
+        dim_feedforward=2048,
+        dropout=0.1,
+    ):
+        super().__init__()
+        unknown = [t for t in block_types if t not in self.BLOCK_TYPES]
+        if unknown or not block_types:
+            raise ValueError(f"block_types must be a non-empty list of {self.BLOCK_TYPES}, got {list(block_types)}")
+        self.block_types = list(block_types)
+        self.layers = _clones(EncoderLayer(d_model, nhead, dim_feedforward, dropout), len(block_types))
+
+    def forward(self, src, pos, key_padding_mask, level_sizes: Sequence[int]):
+        """Same arguments as :meth:`SingleScaleEncoder.forward`, with any number of levels."""
+        level_sizes = list(level_sizes)
+        for block_type, layer in zip(self.block_types, self.layers):
+            if block_type == "multi" or len(level_sizes) == 1:
+                src = layer(src, pos, key_padding_mask)
+                continue
+            outputs: List[torch.Tensor] = [
+                layer(s, p, m)
+                for s, p, m in zip(
+                    src.split(level_sizes, 1),
+                    pos.split(level_sizes, 1),
+                    key_padding_mask.split(level_sizes, 1),
+                )
+            ]
+            src = torch.cat(outputs, dim=1)
+        return src
