@@ -1,0 +1,28 @@
+"""Checkpoint conversion: official SMCA-DETR (gaopengcuhk/SMCA-DETR) weights for smca_d2.
+
+``convert_official_state_dict`` maps the official single-scale model's state dict (torchvision
+ResNet backbone, DETR head with one class row per COCO category id) to ``SMCADETR``'s keys
+(Detectron2 ResNet, 80 contiguous COCO classes by default); ``load_official_checkpoint`` reads an
+official checkpoint safely (``weights_only=True``, ``argparse.Namespace`` allowed);
+``check_complete`` compares a converted state dict with a model. ``tools/convert_official_smca.py``
+writes a Detectron2 checkpoint usable as ``train.init_checkpoint``.
+"""
+from .official import (
+    COCO_NUM_CLASS_SLOTS,
+    CompletenessReport,
+    UnsafeCheckpointError,
+    check_complete,
+    coco_contiguous_category_ids,
+    convert_official_state_dict,
+    load_official_checkpoint,
+)
+
+__all__ = [
+    "COCO_NUM_CLASS_SLOTS",
+    "CompletenessReport",
+    "UnsafeCheckpointError",
+    "check_complete",
+    "coco_contiguous_category_ids",
+    "convert_official_state_dict",
+    "load_official_checkpoint",
+]

@@ -1,0 +1,101 @@
+#!/usr/bin/env python
+"""Convert an official SMCA-DETR checkpoint (gaopengcuhk/SMCA-DETR, single scale) for smca_d2.
+
+    python tools/convert_official_smca.py --input smca_r50.pth --output smca_r50_d2.pth
+
+``--input`` is a checkpoint written by the official ``main.py`` (``{"model", "optimizer",
+"lr_scheduler", "epoch", "args"}``; only ``model`` is used) or a bare ``{"model": state_dict}``.
+It is read with ``torch.load(weights_only=True)``: files holding pickled objects other than
+tensors, plain values and ``argparse.Namespace`` are refused.
+
+The output is a Detectron2 checkpoint, ``{"model": state_dict, "__author__": ...}``, to use as
+``train.init_checkpoint`` (loaded by ``DetectionCheckpointer``). ``--num-classes 80`` (default)
+keeps the class rows of the 80 COCO categories in Detectron2's contiguous order; 91 or 92 keep
+the official rows (set ``model.num_classes`` to match). Unless ``--no-check``, the result is
+checked against the model built from ``--config`` (every parameter and buffer, with its shape).
+"""
+import argparse
+import os
+import sys
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+import torch  # noqa: E402
+
+import smca_d2  # noqa: E402,F401  (detectron2 compatibility fixes)
+from smca_d2.checkpoint import (  # noqa: E402
+    UnsafeCheckpointError,
+    check_complete,
+    convert_official_state_dict,
+    load_official_checkpoint,
+)
+
+AUTHOR = "smca_d2 convert_official_smca"
+DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "smca_single_scale_r50_50ep.py")
+
+
+def build_model(config_path: str, num_classes: int):
+    from detectron2.config import LazyConfig, instantiate
+
+    cfg = LazyConfig.load(config_path)
+    cfg.model.num_classes = num_classes
+    return instantiate(cfg.model)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", required=True, help="official checkpoint (.pth)")
+    parser.add_argument("--output", required=True, help="Detectron2 checkpoint to write (.pth)")
+    parser.add_argument(
+        "--num-classes", type=int, default=80, choices=(80, 91, 92),
+        help="80: COCO classes in Detectron2's contiguous order (default); 91/92: official rows",
+    )
+    parser.add_argument(
+        "--config", default=DEFAULT_CONFIG,
+        help="smca_d2 config whose model the result is checked against (default: %(default)s)",
+    )
+    parser.add_argument("--no-check", action="store_true", help="do not build the model to check the result")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        official = load_official_checkpoint(args.input)
+        converted = convert_official_state_dict(official, num_classes=args.num_classes)
+    except (UnsafeCheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+    total = sum(v.numel() for v in converted.values())
+    print(f"read {len(official)} tensors from {args.input}")
+    print(f"converted {len(converted)} keys, {total:,} values")
+    rows_in = official["class_embed.weight"].shape[0] if "class_embed.weight" in official else "?"
+    print(f"class head: {rows_in} official rows -> {converted['class_embed.weight'].shape[0]} classes")
+
+    if not args.no_check:
+        model = build_model(args.config, args.num_classes)
+        report = check_complete(converted, model)
+        if not report.ok:
+            print(f"error: the result does not match the model of {args.config}:\n{report}", file=sys.stderr)
+            return 1
+        params = dict(model.named_parameters())
+        n_param = sum(converted[k].numel() for k in converted if k in params)
+        n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(
+            f"checked against {os.path.relpath(args.config)}: all {len(converted)} parameters and buffers "
+            f"present, shapes match ({len(params)} parameter tensors, {n_param:,} parameter values, "
+            f"{n_trainable:,} trainable in the model)"
+        )
+
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    os.makedirs(out_dir, exist_ok=True)
+    torch.save({"model": converted, "__author__": AUTHOR}, args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
