@@ -23,7 +23,8 @@ except ImportError:  # not installed: run from a source checkout
 
 
 def default_output() -> str:
-    return os.path.join(os.environ.get("DETECTRON2_DATASETS", "datasets"), "deepforest")
+    root = os.path.expanduser(os.environ.get("DETECTRON2_DATASETS", "datasets"))
+    return os.path.join(root, "deepforest")
 
 
 def main(argv=None) -> None:

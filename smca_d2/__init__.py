@@ -6,3 +6,6 @@ compat.apply()
 __version__ = "0.1.0"
 
 from . import modeling  # noqa: E402  (registers SMCADETR in detectron2's META_ARCH_REGISTRY)
+from .data.datasets import register_prepared_datasets  # noqa: E402
+
+register_prepared_datasets()

@@ -31,7 +31,7 @@ CLASS_NAMES = ("circle", "square", "triangle", "striped_rectangle", "checkered_e
 #: An object must keep at least this fraction of its pixels visible.
 MIN_VISIBLE_FRACTION = 0.3
 
-_MIN_SIZE, _MAX_SIZE = 12, 60  # object extent in pixels (the longer side)
+_MIN_SIZE, _MAX_SIZE = 12, 60  # range of object sides in pixels
 _MAX_PLACEMENT_TRIES = 10
 
 

@@ -1,0 +1,443 @@
+#!/usr/bin/env python
+"""Check that smca_d2's single-scale SMCA computes what the official code computes.
+
+    python tools/check_official_equivalence.py --official-repo /tmp/smca_official \
+        [--image photo.jpg] [--device cpu] [--output results.json]
+
+``--official-repo`` is a work tree of gaopengcuhk/SMCA-DETR; its ``models`` and ``util`` packages
+are imported from there at run time (nothing of it is copied). The script
+
+1. builds the official single-scale R50 model (``dynamic_scale="type3"``, ``smooth=8``, 300
+   queries, 6+6 layers) without downloading any weights, with seeded random weights: every
+   constant-initialised tensor (LayerNorm, biases, the scale head, frozen BN) is perturbed and the
+   frozen-BN statistics are calibrated on a random image, so that every tensor of the mapping
+   matters and activations stay in a realistic range;
+2. saves it as the official ``main.py`` does (``{"model", "args", "epoch"}``), reads it back with
+   :func:`smca_d2.checkpoint.load_official_checkpoint` and converts it with
+   :func:`convert_official_state_dict` (``num_classes`` 92: every column, and 80);
+3. loads the result into the model of ``--config`` and runs both models in eval mode on the same
+   image (a deterministic synthetic 3x480x640 image, or ``--image``) and on a batch of two images
+   of different sizes (padded by both), comparing the raw outputs of every decoder layer
+   (``pred_logits``, ``pred_boxes``) and the top-100 detections (scores, labels, boxes in pixels).
+
+Differences are printed with PASS/FAIL at ``--tol`` (1e-4) and written to ``--output`` (JSON).
+Exit status 0 if everything passes.
+"""
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import smca_d2  # noqa: E402,F401  (detectron2 compatibility fixes)
+from smca_d2.checkpoint import (  # noqa: E402
+    check_complete,
+    coco_contiguous_category_ids,
+    convert_official_state_dict,
+    load_official_checkpoint,
+)
+
+DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "smca_single_scale_r50_50ep.py")
+TORCHVISION_MEAN = (0.485, 0.456, 0.406)
+TORCHVISION_STD = (0.229, 0.224, 0.225)
+TOPK = 100
+
+
+# --------------------------------------------------------------------------- the official code
+@contextlib.contextmanager
+def _official_import_context(repo: str):
+    """Put the official repo first on sys.path while its modules are imported.
+
+    Its ``util/misc.py`` does ``float(torchvision.__version__[:3]) < 0.7`` at import time, which
+    is true for torchvision 0.10+ ("0.2" for 0.29) and then imports ops that no longer exist; the
+    version string is shown as "1.0" during the import only.
+    """
+    import torchvision
+
+    clashes = [m for m in ("models", "util") if m in sys.modules]
+    for m in clashes:
+        origin = os.path.abspath(getattr(sys.modules[m], "__file__", "") or "")
+        if not origin.startswith(os.path.abspath(repo) + os.sep):
+            raise RuntimeError(f"a module named {m!r} is already imported from {origin}; cannot import the official code")
+    real_version = torchvision.__version__
+    sys.path.insert(0, repo)
+    torchvision.__version__ = "1.0"
+    try:
+        yield
+    finally:
+        torchvision.__version__ = real_version
+        sys.path.remove(repo)
+
+
+def official_args(device: str) -> argparse.Namespace:
+    """The official main.py's arguments for the single-scale SMCA R50 model (type3 scales)."""
+    return argparse.Namespace(
+        lr=1e-4, lr_backbone=1e-5, batch_size=2, weight_decay=1e-4, epochs=50, lr_drop=40,
+        clip_max_norm=0.1, smooth=8.0, dynamic_scale="type3", frozen_weights=None,
+        backbone="resnet50", dilation=False, position_embedding="sine", enc_layers=6, dec_layers=6,
+        dim_feedforward=2048, hidden_dim=256, dropout=0.1, nheads=8, num_queries=300,
+        pre_norm=False, masks=False, aux_loss=True, set_cost_class=2.0, set_cost_bbox=5.0,
+        set_cost_giou=2.0, mask_loss_coef=1.0, dice_loss_coef=1.0, bbox_loss_coef=5.0,
+        giou_loss_coef=2.0, eos_coef=0.1, dataset_file="coco", coco_path=None,
+        coco_panoptic_path=None, remove_difficult=False, output_dir="", device=device, seed=42,
+        resume="", start_epoch=0, eval=False, num_workers=2, world_size=1, dist_url="env://",
+    )
+
+
+def import_official(repo: str):
+    repo = os.path.abspath(repo)
+    if not os.path.isfile(os.path.join(repo, "models", "detr.py")):
+        raise FileNotFoundError(f"{repo} is not a work tree of the official SMCA-DETR code (no models/detr.py)")
+    with _official_import_context(repo):
+        import models.backbone as official_backbone
+        import models.detr as official_detr
+        import util.misc as official_misc
+    return official_backbone, official_detr, official_misc
+
+
+def build_official_model(repo: str, device: str, seed: int):
+    official_backbone, official_detr, official_misc = import_official(repo)
+    # Backbone() passes pretrained=is_main_process() to torchvision: False means no download.
+    official_backbone.is_main_process = lambda: False
+    args = official_args(device)
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, _, _ = official_detr.build(args)
+    randomize_official(model, seed)
+    return model.to(device).eval(), args, official_misc
+
+
+@torch.no_grad()
+def randomize_official(model, seed: int):
+    """Perturb every constant-initialised tensor and calibrate the frozen-BN statistics."""
+    gen = torch.Generator().manual_seed(seed + 1)
+
+    def randn_like(t, std):
+        return torch.randn(t.shape, generator=gen, dtype=t.dtype) * std
+
+    frozen_bns = [m for m in model.backbone.modules() if type(m).__name__ == "FrozenBatchNorm2d"]
+    for bn in frozen_bns:
+        bn.weight.copy_(torch.rand(bn.weight.shape, generator=gen) + 0.5)
+        bn.bias.copy_(randn_like(bn.bias, 0.2))
+    for name, p in model.named_parameters():
+        if name.startswith("backbone.") or p.numel() < 2:
+            continue
+        flat = p.detach().flatten()
+        if torch.all(flat == flat[0]):  # LayerNorm weights/biases, zero biases, point3, class bias
+            p.add_(randn_like(p, 0.1))
+
+    # Running statistics: the per-channel mean/variance of each BN's input on a random image
+    # (what a trained network's statistics are), times a random factor.
+    def hook(module, inputs):
+        x = inputs[0]
+        mean = x.mean(dim=(0, 2, 3))
+        var = x.var(dim=(0, 2, 3))
+        module.running_mean.copy_(mean)
+        module.running_var.copy_(var * (torch.rand(var.shape, generator=gen) * 0.4 + 0.8))
+
+    handles = [bn.register_forward_pre_hook(hook) for bn in frozen_bns]
+    image = torch.rand((1, 3, 256, 320), generator=gen) * 4 - 2
+    model.backbone[0].body(image)
+    for h in handles:
+        h.remove()
+
+
+def run_official(model, misc, images, device):
+    """images: list of float RGB [3, H, W] in 0..255. Returns the raw outputs dict."""
+    mean = torch.tensor(TORCHVISION_MEAN).view(3, 1, 1)
+    std = torch.tensor(TORCHVISION_STD).view(3, 1, 1)
+    tensors = [((img / 255.0 - mean) / std).to(device) for img in images]
+    samples = misc.nested_tensor_from_tensor_list(tensors)
+    targets = [
+        {"size": torch.tensor(img.shape[-2:], device=device), "orig_size": torch.tensor(img.shape[-2:], device=device)}
+        for img in images
+    ]
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model([samples, targets])
+
+
+# --------------------------------------------------------------------------- smca_d2
+def build_our_model(config: str, num_classes: int, state_dict, device: str):
+    from detectron2.config import LazyConfig, instantiate
+
+    cfg = LazyConfig.load(config)
+    cfg.model.num_classes = num_classes
+    model = instantiate(cfg.model)
+    report = check_complete(state_dict, model)
+    if not report.ok:
+        raise RuntimeError(f"converted state dict does not fit {config}:\n{report}")
+    model.load_state_dict(state_dict, strict=True)
+    return model.to(device).eval()
+
+
+def run_ours(model, images, device):
+    inputs = [{"image": img.to(device), "height": img.shape[-2], "width": img.shape[-1]} for img in images]
+    with torch.no_grad():
+        raw = model.forward_outputs(model.preprocess_image(inputs))
+        sizes = [tuple(img.shape[-2:]) for img in images]
+        unclipped = model.inference(raw["pred_logits"], raw["pred_boxes"], sizes)
+        final = model(inputs)
+    return raw, unclipped, [r["instances"] for r in final]
+
+
+# --------------------------------------------------------------------------- comparison
+def _layers(outputs):
+    return [outputs] + list(reversed(outputs.get("aux_outputs", [])))  # last layer first
+
+
+def official_topk(logits, boxes, sizes, columns):
+    """The top-k detections of the official outputs over the given class columns (the same rule
+    as the official PostProcess, sorted): [(scores, labels, queries, boxes_xyxy_pixels)]."""
+    logits = logits[..., columns]
+    c = logits.shape[-1]
+    scores, index = logits.sigmoid().flatten(1).topk(TOPK, dim=1)
+    results = []
+    for i, (h, w) in enumerate(sizes):
+        q = torch.div(index[i], c, rounding_mode="floor")
+        cx, cy, bw, bh = boxes[i, q].unbind(-1)
+        xyxy = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=-1)
+        xyxy = xyxy * torch.tensor([w, h, w, h], dtype=xyxy.dtype, device=xyxy.device)
+        results.append((scores[i], index[i] % c, q, xyxy))
+    return results
+
+
+def _max(x):
+    return float(x.abs().max()) if x.numel() else 0.0
+
+
+def compare_detections(official, ours_scores, ours_labels, ours_boxes):
+    """Rank-by-rank comparison; ranks whose (label) differ are reported (near-equal scores may
+    swap places) and then matched by label and nearest box."""
+    scores, labels, _, boxes = official
+    n = min(len(scores), len(ours_scores))
+    result = {
+        "count_official": int(len(scores)),
+        "count_ours": int(len(ours_scores)),
+        "max_abs_score": _max(scores[:n] - ours_scores[:n]),
+        "label_mismatches": int((labels[:n] != ours_labels[:n]).sum()),
+    }
+    if result["label_mismatches"] == 0:
+        result["max_abs_box_px"] = _max(boxes[:n] - ours_boxes[:n])
+    else:  # match each of ours to the nearest official detection of the same label
+        diffs = []
+        for s, l, b in zip(ours_scores, ours_labels, ours_boxes):
+            same = labels == l
+            if not same.any():
+                diffs.append(float("inf"))
+                continue
+            d = (boxes[same] - b).abs().max(dim=1).values + (scores[same] - s).abs()
+            diffs.append(float(d.min()))
+        result["max_abs_box_px"] = max(diffs)
+    return result
+
+
+def compare(official_out, ours, sizes, num_classes, tol):
+    raw, unclipped, final = ours
+    # The official columns our classes come from: all 92, ids 0..90, or the 80 COCO ids.
+    columns = {92: list(range(92)), 91: list(range(91))}.get(num_classes) or coco_contiguous_category_ids()
+    off_layers, our_layers = _layers(official_out), _layers(raw)
+    if len(off_layers) != len(our_layers):
+        raise RuntimeError(f"{len(off_layers)} official decoder outputs vs {len(our_layers)} of ours")
+    logits = [_max(o["pred_logits"][..., columns] - m["pred_logits"]) for o, m in zip(off_layers, our_layers)]
+    boxes = [_max(o["pred_boxes"] - m["pred_boxes"]) for o, m in zip(off_layers, our_layers)]
+
+    off_dets = official_topk(official_out["pred_logits"], official_out["pred_boxes"], sizes, columns)
+    per_image = []
+    for i, (h, w) in enumerate(sizes):
+        u = unclipped[i]
+        raw_cmp = compare_detections(off_dets[i], u.scores, u.pred_classes, u.pred_boxes.tensor)
+        # Detectron2's detector_postprocess clips boxes to the image and drops empty ones.
+        s, l, q, b = off_dets[i]
+        b = b.clone()
+        b[:, 0::2] = b[:, 0::2].clamp(0, w)
+        b[:, 1::2] = b[:, 1::2].clamp(0, h)
+        keep = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+        f = final[i]
+        final_cmp = compare_detections((s[keep], l[keep], q[keep], b[keep]), f.scores, f.pred_classes, f.pred_boxes.tensor)
+        per_image.append({"image_size": [h, w], "topk_unclipped": raw_cmp, "final_instances": final_cmp})
+
+    det_scores = max(max(p["topk_unclipped"]["max_abs_score"], p["final_instances"]["max_abs_score"]) for p in per_image)
+    det_boxes = max(max(p["topk_unclipped"]["max_abs_box_px"], p["final_instances"]["max_abs_box_px"]) for p in per_image)
+    # Pixel coordinates are normalized coordinates times the image side: float32 resolves ~6e-5 px
+    # at 640, so pixel differences are held to tol * max(H, W) (tol in normalized units).
+    det_boxes_rel = max(
+        max(p["topk_unclipped"]["max_abs_box_px"], p["final_instances"]["max_abs_box_px"]) / max(h, w)
+        for p, (h, w) in zip(per_image, sizes)
+    )
+    counts_ok = all(p["final_instances"]["count_ours"] == p["final_instances"]["count_official"] for p in per_image)
+    summary = {
+        "max_abs_logits": max(logits),
+        "max_abs_boxes": max(boxes),
+        "max_abs_logits_per_layer": logits,  # last layer first
+        "max_abs_boxes_per_layer": boxes,
+        "max_abs_det_scores": det_scores,
+        "max_abs_det_boxes_px": det_boxes,
+        "max_abs_det_boxes_over_image_side": det_boxes_rel,
+        "logit_range": [float(official_out["pred_logits"].min()), float(official_out["pred_logits"].max())],
+        "detections": per_image,
+    }
+    summary["pass"] = bool(
+        summary["max_abs_logits"] <= tol
+        and summary["max_abs_boxes"] <= tol
+        and det_scores <= tol
+        and det_boxes_rel <= tol
+        and counts_ok
+    )
+    return summary
+
+
+# --------------------------------------------------------------------------- images
+def synthetic_image(h: int, w: int, seed: int) -> torch.Tensor:
+    """Deterministic RGB float [3, H, W] in 0..255: gradients, rectangles, discs and noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.stack([xx / w * 200, yy / h * 200, (xx + yy) / (h + w) * 120 + 60], axis=0)
+    for _ in range(12):
+        color = rng.uniform(0, 255, size=3)
+        if rng.random() < 0.5:
+            x0, y0 = rng.integers(0, w - 20), rng.integers(0, h - 20)
+            x1, y1 = x0 + rng.integers(10, w // 3), y0 + rng.integers(10, h // 3)
+            img[:, y0:y1, x0:x1] = color[:, None, None]
+        else:
+            cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(8, min(h, w) / 4)
+            disc = (xx - cx) ** 2 + (yy - cy) ** 2 < r**2
+            img[:, disc] = color[:, None]
+    img = img + rng.normal(0, 8, size=img.shape)
+    return torch.from_numpy(np.clip(img, 0, 255).astype(np.float32))
+
+
+def load_image(path: str) -> torch.Tensor:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        array = np.asarray(im.convert("RGB"), dtype=np.float32)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def test_images(image_path, seed):
+    if image_path:
+        first = load_image(image_path)
+        h, w = first.shape[-2:]
+        # A second image, narrower and taller (each image is padded in one direction): the
+        # mirrored photo cropped to 5/6 of its width, with its top rows flipped below it.
+        crop = first[:, :, : max(32, w * 5 // 6)].flip(-1)
+        second = torch.cat([crop, crop[:, : max(8, h // 8)].flip(-2)], dim=1).contiguous()
+        desc = f"{image_path} (3x{h}x{w}; batch: + a 3x{second.shape[-2]}x{second.shape[-1]} crop of it)"
+        return first, second, desc
+    first = synthetic_image(480, 640, seed)
+    second = synthetic_image(544, 400, seed + 1)
+    return first, second, "synthetic 3x480x640 (batch: + synthetic 3x544x400)"
+
+
+# --------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--official-repo", required=True, help="work tree of gaopengcuhk/SMCA-DETR")
+    parser.add_argument("--image", default=None, help="an RGB photo (default: a synthetic image)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--config", default=DEFAULT_CONFIG, help="smca_d2 config (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tol", type=float, default=1e-4)
+    parser.add_argument("--output", default=None, help="write the results as JSON here")
+    return parser.parse_args(argv)
+
+
+def _fmt(case, r):
+    flag = "PASS" if r["pass"] else "FAIL"
+    return (
+        f"[{flag}] {case:<16} logits {r['max_abs_logits']:.3e}  boxes {r['max_abs_boxes']:.3e}  "
+        f"det scores {r['max_abs_det_scores']:.3e}  det boxes {r['max_abs_det_boxes_px']:.3e} px "
+        f"({r['max_abs_det_boxes_over_image_side']:.1e} of the image side)"
+    )
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_grad_enabled(False)
+    start = time.time()
+    official, official_ns, misc = build_official_model(args.official_repo, args.device, args.seed)
+    first, second, image_desc = test_images(args.image, args.seed)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "official.pth")
+        # As the official main.py writes it (the `args` Namespace included).
+        torch.save({"model": official.state_dict(), "args": official_ns, "epoch": 0}, path)
+        official_sd = load_official_checkpoint(path)
+
+    official_single = run_official(official, misc, [first], args.device)
+    official_batch = run_official(official, misc, [first, second], args.device)
+    sizes_single = [tuple(first.shape[-2:])]
+    sizes_batch = sizes_single + [tuple(second.shape[-2:])]
+
+    results = {
+        "official_repo": os.path.abspath(args.official_repo),
+        "config": os.path.relpath(args.config, REPO_ROOT),
+        "device": args.device,
+        "seed": args.seed,
+        "image": image_desc,
+        "tolerance": args.tol,
+        "official_keys": len(official_sd),
+        "cases": {},
+    }
+    for num_classes in (92, 80):
+        converted = convert_official_state_dict(official_sd, num_classes=num_classes)
+        ours = build_our_model(args.config, num_classes, converted, args.device)
+        results["cases"][f"single_nc{num_classes}"] = compare(
+            official_single, run_ours(ours, [first], args.device), sizes_single, num_classes, args.tol
+        )
+        results["cases"][f"batch2_nc{num_classes}"] = compare(
+            official_batch, run_ours(ours, [first, second], args.device), sizes_batch, num_classes, args.tol
+        )
+        del ours
+
+    # Negative control: the same check must fail when one mapping is wrong (here: the x/y
+    # Gaussian scales of one decoder layer swapped), or it would prove nothing.
+    converted = convert_official_state_dict(official_sd, num_classes=92)
+    for suffix, shape in (("weight", (8, 2, -1)), ("bias", (8, 2))):
+        key = f"transformer.decoder.layers.2.point3.{suffix}"
+        converted[key] = converted[key].reshape(shape).flip(1).reshape(converted[key].shape).clone()
+    control = compare(
+        official_single, run_ours(build_our_model(args.config, 92, converted, args.device), [first], args.device),
+        sizes_single, 92, args.tol,
+    )
+    results["negative_control"] = {
+        "perturbation": "x/y Gaussian scales of decoder layer 2 swapped",
+        "max_abs_logits": control["max_abs_logits"],
+        "max_abs_boxes": control["max_abs_boxes"],
+        "detected": not control["pass"],
+    }
+
+    results["pass"] = all(c["pass"] for c in results["cases"].values()) and results["negative_control"]["detected"]
+    results["seconds"] = round(time.time() - start, 1)
+    print(f"image: {image_desc}; device {args.device}; tolerance {args.tol:g} (max abs differences)")
+    for case, r in results["cases"].items():
+        print(_fmt(case, r))
+    nc = results["negative_control"]
+    print(
+        f"[{'PASS' if nc['detected'] else 'FAIL'}] negative control ({nc['perturbation']}): logits "
+        f"{nc['max_abs_logits']:.3e}, boxes {nc['max_abs_boxes']:.3e}: "
+        + ("detected" if nc["detected"] else "NOT detected: the check is not sensitive")
+    )
+    print("PASS" if results["pass"] else "FAIL")
+    if args.output:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {args.output}")
+    return 0 if results["pass"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
