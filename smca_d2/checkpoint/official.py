@@ -264,12 +264,14 @@ def check_complete(converted: Mapping[str, torch.Tensor], model: nn.Module) -> C
     return report
 
 
-def _refusal(path: str, error: Exception) -> UnsafeCheckpointError:
+def _refusal(path: str, error: Exception) -> pickle.UnpicklingError:
     message = str(error)
     found = re.findall(r"GLOBAL ([\w.]+)", message)
-    what = f" ({', '.join(dict.fromkeys(found))})" if found else ""
+    if not found:  # not a forbidden object: a damaged or foreign file
+        return pickle.UnpicklingError(f"cannot read {path} with torch.load(weights_only=True): {message.strip()}")
+    what = ", ".join(dict.fromkeys(found))
     return UnsafeCheckpointError(
-        f"refusing to load {path}: it contains pickled objects{what} that torch.load(weights_only=True) "
+        f"refusing to load {path}: it contains pickled objects ({what}) that torch.load(weights_only=True) "
         "does not allow. Only tensors, plain containers and values, and argparse.Namespace (the "
         "official main.py's `args`) are accepted; anything else could run code while unpickling. "
         "If you trust the file, re-save its 'model' state dict alone (torch.save({'model': "
@@ -298,6 +300,7 @@ def load_official_checkpoint(path: str) -> Dict[str, torch.Tensor]:
 
     Raises:
         UnsafeCheckpointError: the file holds other pickled objects (it is not loaded).
+        pickle.UnpicklingError: the file cannot be unpickled at all.
         ValueError: the file holds no model state dict.
     """
     checkpoint = _load_weights_only(str(path))
