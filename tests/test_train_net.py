@@ -11,13 +11,17 @@ CONFIG = os.path.join(REPO, "configs", "demo", "smca_r18_synthetic.py")
 
 
 def run_train_net(tmp_path, *args, check=True):
+    """Run train_net.py in `tmp_path` on a tiny generated dataset; `args` default to the demo
+    config when they name no --config-file."""
     from smca_d2.data.synthetic import make_synthetic_coco
 
     data = tmp_path / "data"
     if not data.exists():
         make_synthetic_coco(str(data / "synthetic"), num_train=8, num_val=4, seed=1)
     env = dict(os.environ, DETECTRON2_DATASETS=str(data), OMP_NUM_THREADS="2")
-    cmd = [sys.executable, os.path.join(REPO, "train_net.py"), "--config-file", CONFIG, *args]
+    if "--config-file" not in args:
+        args = ("--config-file", CONFIG, *args)
+    cmd = [sys.executable, os.path.join(REPO, "train_net.py"), *args]
     return subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, check=check)
 
 

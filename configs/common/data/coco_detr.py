@@ -1,5 +1,7 @@
-# COCO 2017 with DETR's augmentation: flip, then either a multi-scale resize or
-# [resize 400/500/600, random crop 384..600, multi-scale resize]. Test: shorter side 800, max 1333.
+# COCO 2017 with DETR's augmentation: flip, then either a multi-scale resize (shorter side
+# 480..800 step 32, max 1333) or [resize 400/500/600, random crop 384..600, multi-scale resize].
+# Test: shorter side 800, max 1333. Sizes can be overridden, e.g.
+# dataloader.train.mapper.augmentations.max_size=1000
 from detectron2.config import LazyCall as L
 from detectron2.data import (
     DatasetMapper,
@@ -7,32 +9,22 @@ from detectron2.data import (
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
-from detectron2.data import transforms as T
 from detectron2.evaluation import COCOEvaluator
 from omegaconf import OmegaConf
 
-from smca_d2.data.transforms import RandomChoice
-
-MULTI_SCALE = [480 + 32 * i for i in range(11)]  # 480..800 step 32
+from smca_d2.data.transforms import detr_test_augmentations, detr_train_augmentations
 
 dataloader = OmegaConf.create()
 dataloader.train = L(build_detection_train_loader)(
     dataset=L(get_detection_dataset_dicts)(names="coco_2017_train"),
     mapper=L(DatasetMapper)(
         is_train=True,
-        augmentations=[
-            L(T.RandomFlip)(horizontal=True),
-            L(RandomChoice)(
-                choices=[
-                    [L(T.ResizeShortestEdge)(short_edge_length=MULTI_SCALE, max_size=1333, sample_style="choice")],
-                    [
-                        L(T.ResizeShortestEdge)(short_edge_length=[400, 500, 600], sample_style="choice"),
-                        L(T.RandomCrop)(crop_type="absolute_range", crop_size=(384, 600)),
-                        L(T.ResizeShortestEdge)(short_edge_length=MULTI_SCALE, max_size=1333, sample_style="choice"),
-                    ],
-                ]
-            ),
-        ],
+        augmentations=L(detr_train_augmentations)(
+            min_sizes=[480 + 32 * i for i in range(11)],
+            max_size=1333,
+            crop_resize_sizes=[400, 500, 600],
+            crop_size=[384, 600],
+        ),
         image_format="RGB",  # must match model.input_format
         use_instance_mask=False,
     ),
@@ -43,7 +35,7 @@ dataloader.test = L(build_detection_test_loader)(
     dataset=L(get_detection_dataset_dicts)(names="coco_2017_val", filter_empty=False),
     mapper=L(DatasetMapper)(
         is_train=False,
-        augmentations=[L(T.ResizeShortestEdge)(short_edge_length=800, max_size=1333)],
+        augmentations=L(detr_test_augmentations)(min_size=800, max_size=1333),
         image_format="${...train.mapper.image_format}",
     ),
     num_workers=4,

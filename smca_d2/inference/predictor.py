@@ -1,0 +1,229 @@
+"""A one-image predictor for LazyConfig models: the analogue of Detectron2's ``DefaultPredictor``.
+
+Usage::
+
+    predictor = LazyPredictor("configs/demo/smca_r18_synthetic.py", "model_final.pth")
+    instances = predictor(cv2.imread("photo.jpg"))  # BGR uint8 HxWx3
+    print(instances.pred_boxes, instances.scores, instances.pred_classes)
+"""
+import copy
+import json
+import logging
+import os
+from typing import Dict, List, Optional, Union
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyConfig, instantiate
+from detectron2.data import MetadataCatalog
+from detectron2.data.catalog import Metadata
+from detectron2.data import transforms as T
+from detectron2.structures import Instances
+
+__all__ = ["LazyPredictor", "load_config", "test_augmentations", "dataset_class_names"]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_FORMATS = ("RGB", "BGR")
+
+
+def load_config(cfg_or_path: Union[str, os.PathLike, DictConfig], overrides: Optional[List[str]] = None):
+    """A LazyConfig from a path (loaded) or a config object (deep-copied), with overrides applied.
+
+    Args:
+        cfg_or_path: path of a LazyConfig ``.py``/``.yaml`` file, or a loaded config.
+        overrides: ``key=value`` strings, as on the command line of ``train_net.py``.
+    """
+    if isinstance(cfg_or_path, (str, os.PathLike)):
+        cfg = LazyConfig.load(os.fspath(cfg_or_path))
+    else:
+        cfg = copy.deepcopy(cfg_or_path)
+    if overrides:
+        cfg = LazyConfig.apply_overrides(cfg, list(overrides))
+    return cfg
+
+
+def _select(cfg, dotted: str, default=None):
+    node = cfg
+    for key in dotted.split("."):
+        try:
+            if key not in node:
+                return default
+            node = node[key]
+        except TypeError:  # not a mapping
+            return default
+    return node
+
+
+def test_augmentations(cfg) -> List[T.Augmentation]:
+    """The test-time augmentations of ``cfg.dataloader.test.mapper.augmentations``, instantiated.
+
+    Falls back to ``ResizeShortestEdge(800, 1333)`` (the COCO test resize) when the config has no
+    such entry. An explicitly empty list means no resize (the images are used as they are).
+    """
+    augs = _select(cfg, "dataloader.test.mapper.augmentations")
+    if augs is None:
+        return [T.ResizeShortestEdge(short_edge_length=800, max_size=1333)]
+    return [instantiate(a) for a in augs]
+
+
+def _dataset_names(cfg) -> List[str]:
+    names = _select(cfg, "dataloader.test.dataset.names")
+    if names is None:
+        return []
+    if isinstance(names, str):
+        return [names]
+    return [str(n) for n in names]
+
+
+def dataset_class_names(metadata) -> Optional[List[str]]:
+    """``thing_classes`` of a dataset's metadata; for a registered COCO-format dataset that was not
+    loaded yet, read from the category list of its ``json_file`` (sorted by id, as
+    ``load_coco_json`` numbers them) and stored in the metadata. None when unknown."""
+    if metadata is None:
+        return None
+    classes = metadata.get("thing_classes")
+    if classes is not None:
+        return list(classes)
+    json_file = metadata.get("json_file")
+    if not json_file or not os.path.isfile(json_file):
+        return None
+    try:
+        with open(json_file) as f:
+            categories = json.load(f).get("categories", [])
+    except (OSError, ValueError) as e:
+        logger.warning("could not read class names from %s: %s", json_file, e)
+        return None
+    classes = [c["name"] for c in sorted(categories, key=lambda c: c["id"])]
+    metadata.thing_classes = classes
+    return classes
+
+
+def _default_device(cfg) -> str:
+    wanted = str(_select(cfg, "train.device", "cuda"))
+    if wanted.startswith("cuda") and not torch.cuda.is_available():
+        return "cpu"
+    return wanted
+
+
+class LazyPredictor:
+    """Builds ``cfg.model``, loads its weights and runs it on one image at a time.
+
+    Like Detectron2's ``DefaultPredictor``, it (1) loads a checkpoint, (2) converts the image from
+    ``input_format`` to the model's ``input_format``, (3) applies the config's test-time resize
+    (``cfg.dataloader.test.mapper.augmentations``) and (4) returns the detections of that one
+    image, in the coordinates of the image it was given. Usage::
+
+        predictor = LazyPredictor("configs/smca_single_scale_r50_50ep.py", "model_final.pth")
+        instances = predictor(cv2.imread("input.jpg"))
+        keep = instances[instances.scores > 0.5]
+
+    Attributes:
+        cfg: the config (a copy; overrides applied).
+        model: the model, in eval mode, on ``device``.
+        augmentations: the test-time augmentations.
+        input_format: channel order of the images given to :meth:`__call__`.
+        model_format: channel order the model expects.
+    """
+
+    def __init__(
+        self,
+        cfg_or_path: Union[str, os.PathLike, DictConfig],
+        checkpoint: Optional[str] = None,
+        *,
+        device: Optional[str] = None,
+        input_format: str = "BGR",
+        overrides: Optional[List[str]] = None,
+    ):
+        """
+        Args:
+            cfg_or_path: a LazyConfig path or a loaded LazyConfig (it is not modified).
+            checkpoint: weights to load with ``DetectionCheckpointer`` (a path or URL). None uses
+                ``cfg.train.init_checkpoint`` when it is set; "" loads nothing (random weights).
+            device: "cpu", "cuda", ... (default: ``cfg.train.device``, or the CPU if CUDA is
+                not available).
+            input_format: "BGR" (OpenCV, the default) or "RGB": channel order of the images
+                that will be passed to :meth:`__call__`.
+            overrides: ``key=value`` config overrides.
+        """
+        if input_format not in IMAGE_FORMATS:
+            raise ValueError(f"input_format must be one of {IMAGE_FORMATS}, got {input_format!r}")
+        self.cfg = load_config(cfg_or_path, overrides)
+        self.device = torch.device(device or _default_device(self.cfg))
+        self.model = instantiate(self.cfg.model).to(self.device)
+        self.model.eval()
+        self.input_format = input_format
+        self.model_format = getattr(
+            self.model, "input_format", _select(self.cfg, "dataloader.test.mapper.image_format", "BGR")
+        )
+        if self.model_format not in IMAGE_FORMATS:
+            raise ValueError(f"the model's input format {self.model_format!r} is not one of {IMAGE_FORMATS}")
+
+        if checkpoint is None:
+            checkpoint = _select(self.cfg, "train.init_checkpoint", "") or ""
+        self.checkpoint = checkpoint
+        if checkpoint:
+            DetectionCheckpointer(self.model).load(checkpoint)
+        else:
+            logger.warning("LazyPredictor: no checkpoint given, the model has random weights")
+
+        self.augmentations = T.AugmentationList(test_augmentations(self.cfg))
+        self._metadata = None
+
+    @property
+    def metadata(self):
+        """Metadata of the first test dataset (``cfg.dataloader.test.dataset.names``), with
+        ``thing_classes`` when they can be found; an empty ``Metadata`` if there is none."""
+        if self._metadata is None:
+            names = _dataset_names(self.cfg)
+            self._metadata = MetadataCatalog.get(names[0]) if names else Metadata(name="")
+            dataset_class_names(self._metadata)
+        return self._metadata
+
+    @property
+    def class_names(self) -> List[str]:
+        """One name per model class: the dataset's ``thing_classes``, or the class indices."""
+        num_classes = getattr(self.model, "num_classes", None)
+        names = dataset_class_names(self.metadata)
+        if names is not None and (num_classes is None or len(names) == num_classes):
+            return names
+        if names is not None:
+            logger.warning(
+                "the dataset has %d classes, the model %s: using class indices as names", len(names), num_classes
+            )
+        return [str(i) for i in range(num_classes or 0)]
+
+    def preprocess(self, image: np.ndarray) -> Dict:
+        """The model input for one image: ``{"image": CHW float tensor, "height", "width"}``.
+
+        Args:
+            image: HxWx3 uint8 array in ``self.input_format``.
+        """
+        if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3:
+            shape = getattr(image, "shape", None)
+            raise ValueError(f"expected an HxWx3 numpy image, got {type(image).__name__} of shape {shape}")
+        if self.input_format != self.model_format:
+            image = image[:, :, ::-1]
+        height, width = image.shape[:2]
+        aug_input = T.AugInput(np.ascontiguousarray(image))
+        self.augmentations(aug_input)
+        resized = np.ascontiguousarray(aug_input.image)
+        tensor = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1))
+        return {"image": tensor, "height": height, "width": width}
+
+    @torch.no_grad()
+    def __call__(self, image: np.ndarray) -> Instances:
+        """Detections on one image.
+
+        Args:
+            image: HxWx3 uint8 array in ``self.input_format`` (BGR by default, as ``cv2.imread``).
+
+        Returns:
+            Instances of the original image size, on the CPU: ``pred_boxes`` (XYXY pixels),
+            ``scores``, ``pred_classes``, sorted by decreasing score.
+        """
+        inputs = self.preprocess(image)
+        return self.model([inputs])[0]["instances"].to("cpu")

@@ -1,0 +1,91 @@
+"""The DETR-style training mapper of configs/common/data/coco_detr.py on hand-made annotations."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from detectron2.config import LazyConfig, instantiate
+from detectron2.data import DatasetMapper
+from detectron2.data import transforms as T
+from detectron2.structures import BoxMode
+
+from smca_d2.data.transforms import RandomChoice
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class FixedCrop(T.Augmentation):
+    def __init__(self, x0, y0, w, h):
+        super().__init__()
+        self.box = (x0, y0, w, h)
+
+    def get_transform(self, image):
+        return T.CropTransform(*self.box)
+
+
+@pytest.fixture
+def record(tmp_path):
+    path = tmp_path / "img.png"
+    Image.fromarray(np.full((200, 300, 3), 128, dtype=np.uint8)).save(path)
+    box = lambda x0, y0, x1, y1, c=0, crowd=0: {  # noqa: E731
+        "bbox": [x0, y0, x1, y1], "bbox_mode": BoxMode.XYXY_ABS, "category_id": c, "iscrowd": crowd}
+    return {
+        "file_name": str(path), "height": 200, "width": 300, "image_id": 1,
+        "annotations": [
+            box(10, 10, 60, 60, c=1),          # inside the crop
+            box(90, 20, 140, 90, c=2),         # half inside: clipped to the crop
+            box(200, 150, 280, 190, c=3),      # outside the crop: dropped
+            box(20, 20, 40, 40, c=4, crowd=1),  # crowd: dropped
+        ],
+    }
+
+
+def test_mapper_drops_crowd_and_cropped_away_boxes_and_clips(record):
+    mapper = DatasetMapper(is_train=True, augmentations=[FixedCrop(0, 0, 120, 100)], image_format="RGB")
+    out = mapper(record)
+    assert out["image"].shape == (3, 100, 120)
+    inst = out["instances"]
+    assert inst.gt_classes.tolist() == [1, 2]
+    torch.testing.assert_close(inst.gt_boxes.tensor, torch.tensor([[10.0, 10, 60, 60], [90, 20, 120, 90]]))
+
+
+def test_image_left_without_boxes_gives_empty_instances(record):
+    mapper = DatasetMapper(is_train=True, augmentations=[FixedCrop(150, 0, 40, 40)], image_format="RGB")
+    out = mapper(record)
+    assert len(out["instances"]) == 0
+
+
+def test_detr_augmentation_from_config(record):
+    cfg = LazyConfig.load(os.path.join(REPO, "configs", "smca_single_scale_r50_50ep.py"))
+    mapper = instantiate(cfg.dataloader.train.mapper)
+    assert isinstance(mapper.augmentations.augs[0], T.RandomFlip)
+    assert isinstance(mapper.augmentations.augs[1], RandomChoice)
+    np.random.seed(0)
+    shapes = set()
+    for _ in range(20):
+        out = mapper(dict(record))
+        h, w = out["image"].shape[1:]
+        shapes.add((h, w))
+        assert min(h, w) in range(480, 801, 32) and max(h, w) <= 1333
+        boxes = out["instances"].gt_boxes.tensor
+        assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= w).all() and (boxes[:, 3] <= h).all()
+        assert (out["instances"].gt_classes != 4).all()  # the crowd box never reaches the model
+    assert len(shapes) > 3  # multi-scale
+
+    test_mapper = instantiate(cfg.dataloader.test.mapper)
+    assert test_mapper(dict(record))["image"].shape[1:] == (800, 1200)
+
+
+def test_random_choice_uses_every_choice():
+    aug = RandomChoice([T.ResizeShortestEdge(10, 100), [T.ResizeShortestEdge(20, 100)]])
+    np.random.seed(0)
+    sizes = set()
+    for _ in range(20):
+        inp = T.AugInput(np.zeros((40, 60, 3), dtype=np.uint8))
+        aug(inp)
+        sizes.add(inp.image.shape[0])
+    assert sizes == {10, 20}
+    with pytest.raises(ValueError):
+        RandomChoice([])
