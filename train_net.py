@@ -7,54 +7,75 @@
 
 The config must hold ``model``, ``dataloader`` (``train``, ``test``, ``evaluator``), ``optimizer``
 (whose ``params.model`` is set here), ``lr_multiplier`` (a ParamScheduler) and ``train`` (see
-configs/common/train.py). ``key=value`` overrides follow the flags.
+configs/common/train.py). ``key=value`` overrides follow the flags; a key that is not in the
+config is refused (``+key=value`` adds one on purpose).
+
+Before any work the config, the datasets (files, json, boxes, images) and ``model.num_classes``
+are checked; checkpoints are loaded without running code from them and written atomically;
+training stops at a non-finite loss; ``--resume`` continues exactly where the last complete
+checkpoint left off. See "What happens when" in README.md.
 """
 import logging
 
 import smca_d2  # noqa: F401  (compatibility fixes, registrations)
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 from detectron2.engine import AMPTrainer, SimpleTrainer, default_argument_parser, default_setup
 from detectron2.engine import default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
+from smca_d2.checkpoint import SafeCheckpointer
 from smca_d2.compat import create_ddp_model, launch
-from smca_d2.engine import check_device, check_num_classes
+from smca_d2.engine import (
+    DeterministicSteps,
+    NonFiniteLossCheck,
+    check_config_datasets,
+    check_device,
+    check_num_classes,
+    load_config,
+)
 
 logger = logging.getLogger("smca_d2")
 
 
-def do_test(cfg, model):
+def do_test(cfg, model, test_loader=None):
     if "evaluator" not in cfg.dataloader:
         return {}
-    results = inference_on_dataset(
-        model, instantiate(cfg.dataloader.test), instantiate(cfg.dataloader.evaluator)
-    )
+    if test_loader is None:
+        test_loader = instantiate(cfg.dataloader.test)
+    results = inference_on_dataset(model, test_loader, instantiate(cfg.dataloader.evaluator))
     if comm.is_main_process():
         print_csv_format(results)
     return results
 
 
 def do_train(args, cfg):
+    # The datasets are loaded (and validated) before the model is built.
+    train_loader = instantiate(cfg.dataloader.train)
+    test_loader = instantiate(cfg.dataloader.test) if "evaluator" in cfg.dataloader else None
+    check_num_classes(cfg)
+
     model = instantiate(cfg.model).to(cfg.train.device)
     logger.info("Model:\n%s", model)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
-    train_loader = instantiate(cfg.dataloader.train)
-    check_num_classes(cfg)
 
     model = create_ddp_model(model, **cfg.train.ddp)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
-    checkpointer = DetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
+    checkpointer = SafeCheckpointer(
+        model, cfg.train.output_dir, strict=cfg.train.get("strict_load", False), trainer=trainer
+    )
     trainer.register_hooks(
         [
             hooks.IterationTimer(),
+            DeterministicSteps(cfg.train.seed, train_loader),
+            NonFiniteLossCheck(checkpointer),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
             if comm.is_main_process()
             else None,
-            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model)),
+            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model, test_loader)),
             hooks.PeriodicWriter(
                 default_writers(cfg.train.output_dir, cfg.train.max_iter),
                 period=cfg.train.log_period,
@@ -69,14 +90,15 @@ def do_train(args, cfg):
 
 
 def main(args):
-    cfg = LazyConfig.load(args.config_file)
-    cfg = LazyConfig.apply_overrides(cfg, args.opts)
+    cfg = load_config(args.config_file, args.opts)
     check_device(cfg.train.device)
+    check_config_datasets(cfg, splits=("test",) if args.eval_only else ("train", "test"))
     default_setup(cfg, args)
+    setup_logger(cfg.train.output_dir, comm.get_rank(), name="smca_d2", abbrev_name="smca")
     if args.eval_only:
         model = instantiate(cfg.model).to(cfg.train.device)
         model = create_ddp_model(model)
-        DetectionCheckpointer(model).load(cfg.train.init_checkpoint)
+        SafeCheckpointer(model, strict=cfg.train.get("strict_load", False)).load(cfg.train.init_checkpoint)
         return do_test(cfg, model)
     do_train(args, cfg)
 

@@ -52,7 +52,7 @@ def get_parser():
 
 def _write_json(path, data):
     with open(path, "w") as f:
-        json.dump(data, f, indent=1)
+        json.dump(data, f)
 
 
 def run_images(predictor, args, logger):

@@ -26,6 +26,7 @@ model.backbone.stages = L(ResNet.make_default_stages)(depth=18, norm="BN")
 model.backbone.out_features = ["res4"]
 model.backbone.freeze_at = 0
 model.in_features = ["res4"]
+model.size_divisibility = 32  # few distinct batch shapes (fast on CPU); masks align with stride 16
 model.num_queries = 30
 model.transformer.encoder.num_layers = 2
 model.transformer.decoder.num_layers = 3

@@ -16,8 +16,24 @@ from .official import (
     convert_official_state_dict,
     load_official_checkpoint,
 )
+from .safe_load import (
+    TRUST_ENV,
+    CheckpointMismatchError,
+    NonFiniteWeightsError,
+    SafeCheckpointer,
+    atomic_write,
+    load_checkpoint_file,
+    load_numpy_pickle,
+)
 
 __all__ = [
+    "TRUST_ENV",
+    "CheckpointMismatchError",
+    "NonFiniteWeightsError",
+    "SafeCheckpointer",
+    "atomic_write",
+    "load_checkpoint_file",
+    "load_numpy_pickle",
     "COCO_NUM_CLASS_SLOTS",
     "CompletenessReport",
     "UnsafeCheckpointError",
@@ -26,3 +42,4 @@ __all__ = [
     "convert_official_state_dict",
     "load_official_checkpoint",
 ]
+from .torchvision_resnet import convert_torchvision_resnet  # noqa: E402,F401

@@ -1,4 +1,26 @@
 """Checks and helpers used by train_net.py."""
 from .checks import check_device, check_num_classes
+from .config import (
+    UnknownConfigKeyError,
+    check_config_datasets,
+    check_override_keys,
+    load_config,
+    prepare_config,
+)
+from .hooks import DeterministicSteps, NonFiniteLossCheck, NonFiniteLossError
+from .resumable import ResumableTrainLoader, build_resumable_train_loader
 
-__all__ = ["check_device", "check_num_classes"]
+__all__ = [
+    "DeterministicSteps",
+    "NonFiniteLossCheck",
+    "NonFiniteLossError",
+    "ResumableTrainLoader",
+    "UnknownConfigKeyError",
+    "build_resumable_train_loader",
+    "check_config_datasets",
+    "check_device",
+    "check_num_classes",
+    "check_override_keys",
+    "load_config",
+    "prepare_config",
+]

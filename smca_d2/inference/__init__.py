@@ -8,10 +8,11 @@ export.
     from smca_d2.inference.export import export_program
 """
 from .demo import collect_inputs, draw_instances, filter_instances, instances_to_json, run_on_image, run_on_video
-from .predictor import LazyPredictor, dataset_class_names, load_config, test_augmentations
+from .predictor import LazyPredictor, build_test_augmentations, dataset_class_names, load_config
 
 __all__ = [
     "LazyPredictor",
+    "build_test_augmentations",
     "collect_inputs",
     "dataset_class_names",
     "draw_instances",
@@ -20,5 +21,4 @@ __all__ = [
     "load_config",
     "run_on_image",
     "run_on_video",
-    "test_augmentations",
 ]

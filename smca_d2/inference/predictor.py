@@ -19,11 +19,11 @@ from omegaconf import DictConfig
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import MetadataCatalog
-from detectron2.data.catalog import Metadata
 from detectron2.data import transforms as T
+from detectron2.data.catalog import Metadata
 from detectron2.structures import Instances
 
-__all__ = ["LazyPredictor", "load_config", "test_augmentations", "dataset_class_names"]
+__all__ = ["LazyPredictor", "build_test_augmentations", "dataset_class_names", "load_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def _select(cfg, dotted: str, default=None):
     return node
 
 
-def test_augmentations(cfg) -> List[T.Augmentation]:
+def build_test_augmentations(cfg) -> List[T.Augmentation]:
     """The test-time augmentations of ``cfg.dataloader.test.mapper.augmentations``, instantiated.
 
     Falls back to ``ResizeShortestEdge(800, 1333)`` (the COCO test resize) when the config has no
@@ -170,8 +170,9 @@ class LazyPredictor:
         else:
             logger.warning("LazyPredictor: no checkpoint given, the model has random weights")
 
-        self.augmentations = T.AugmentationList(test_augmentations(self.cfg))
+        self.augmentations = T.AugmentationList(build_test_augmentations(self.cfg))
         self._metadata = None
+        self._class_names = None
 
     @property
     def metadata(self):
@@ -186,15 +187,16 @@ class LazyPredictor:
     @property
     def class_names(self) -> List[str]:
         """One name per model class: the dataset's ``thing_classes``, or the class indices."""
-        num_classes = getattr(self.model, "num_classes", None)
-        names = dataset_class_names(self.metadata)
-        if names is not None and (num_classes is None or len(names) == num_classes):
-            return names
-        if names is not None:
-            logger.warning(
-                "the dataset has %d classes, the model %s: using class indices as names", len(names), num_classes
-            )
-        return [str(i) for i in range(num_classes or 0)]
+        if self._class_names is None:
+            num_classes = getattr(self.model, "num_classes", None)
+            names = dataset_class_names(self.metadata)
+            if names is not None and num_classes is not None and len(names) != num_classes:
+                logger.warning(
+                    "the dataset has %d classes, the model %s: using class indices as names", len(names), num_classes
+                )
+                names = None
+            self._class_names = names if names is not None else [str(i) for i in range(num_classes or 0)]
+        return self._class_names
 
     def preprocess(self, image: np.ndarray) -> Dict:
         """The model input for one image: ``{"image": CHW float tensor, "height", "width"}``.

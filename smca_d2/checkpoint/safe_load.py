@@ -1,0 +1,355 @@
+"""Loading checkpoints without running code, and saving them so that a crash never leaves half a file.
+
+Loading (:func:`load_checkpoint_file`, used by :class:`SafeCheckpointer`):
+
+* ``.pth`` / ``.pt`` / ``.pyth``: ``torch.load(weights_only=True)``: tensors, containers and plain
+  values only;
+* ``.pkl`` (detectron2 / Detectron model zoo: pickled numpy arrays): a restricted unpickler that
+  can build numpy arrays, dtypes and scalars and nothing else;
+* anything else in the file (a pickled object, whose unpickling could run arbitrary code) is
+  refused with :class:`~smca_d2.checkpoint.official.UnsafeCheckpointError`, unless the user says
+  the file is trusted: ``SMCA_D2_TRUST_CHECKPOINTS=1`` in the environment, or ``trust=True``.
+
+Saving (:meth:`SafeCheckpointer.save`): the checkpoint is written to a temporary file in the same
+folder, flushed to disk (``fsync``) and renamed over the target (``os.replace``, atomic); only then
+is ``last_checkpoint`` updated, the same way. A process killed at any moment leaves either the old
+or the new file, never a partial one, and ``last_checkpoint`` always names a complete checkpoint.
+A model with NaN/inf weights is not saved (the last good checkpoint stays the last one).
+
+Loading into a model (:meth:`SafeCheckpointer.load`): tensors whose shapes do not fit the model
+are skipped (they keep the model's freshly initialised values), as in detectron2, but reported in
+one summary naming every such tensor; with ``strict=True`` (``train.strict_load=True``, and always
+when resuming) any mismatch, missing or unexpected tensor is an error.
+"""
+import io
+import logging
+import os
+import pickle
+import re
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+
+from .official import UnsafeCheckpointError
+
+__all__ = [
+    "TRUST_ENV",
+    "CheckpointMismatchError",
+    "NonFiniteWeightsError",
+    "SafeCheckpointer",
+    "UnsafeCheckpointError",
+    "atomic_write",
+    "load_checkpoint_file",
+    "load_numpy_pickle",
+    "trust_checkpoints",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Environment variable that, set to 1/true/yes, allows checkpoints that need full unpickling.
+TRUST_ENV = "SMCA_D2_TRUST_CHECKPOINTS"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the model (strict loading)."""
+
+
+class NonFiniteWeightsError(FloatingPointError):
+    """The model holds NaN or inf values: it is not saved."""
+
+
+def trust_checkpoints(trust: Optional[bool] = None) -> bool:
+    """``trust`` if given, else whether ``$SMCA_D2_TRUST_CHECKPOINTS`` is set to a true value."""
+    if trust is not None:
+        return bool(trust)
+    return os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+# ---------------------------------------------------------------------------------------------
+# numpy pickles (.pkl)
+# ---------------------------------------------------------------------------------------------
+def _numpy_globals() -> Dict[tuple, Any]:
+    allowed = {
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("collections", "OrderedDict"): __import__("collections").OrderedDict,
+        ("_codecs", "encode"): __import__("codecs").encode,  # bytes in protocol-2 pickles
+    }
+    multiarray = getattr(np, "_core", None) or np.core
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[(module, "_reconstruct")] = multiarray.multiarray._reconstruct
+        allowed[(module, "scalar")] = multiarray.multiarray.scalar
+    dtypes = getattr(np, "dtypes", None)  # numpy >= 1.25 pickles dtypes by their class
+    if dtypes is not None:
+        for name in dir(dtypes):
+            obj = getattr(dtypes, name)
+            if isinstance(obj, type) and issubclass(obj, np.dtype):
+                allowed[("numpy.dtypes", name)] = obj
+    return allowed
+
+
+class _NumpyUnpickler(pickle.Unpickler):
+    """Unpickles containers of numpy arrays; any other global is refused before it is imported."""
+
+    _allowed = None
+
+    def find_class(self, module, name):
+        if _NumpyUnpickler._allowed is None:
+            _NumpyUnpickler._allowed = _numpy_globals()
+        module = {"copy_reg": "copyreg", "__builtin__": "builtins"}.get(module, module)
+        found = _NumpyUnpickler._allowed.get((module, name))
+        if found is None:
+            raise pickle.UnpicklingError(f"GLOBAL {module}.{name} is not allowed")
+        return found
+
+
+def load_numpy_pickle(path: str, *, trust: Optional[bool] = None):
+    """Read a ``.pkl`` checkpoint (plain pickle, ``latin1`` for Python 2 files) that may only hold
+    containers of numpy arrays, numbers and strings.
+
+    Raises:
+        UnsafeCheckpointError: the pickle references anything else (it is not loaded), unless
+            trusted (``trust=True`` or ``$SMCA_D2_TRUST_CHECKPOINTS``).
+    """
+    from detectron2.utils.file_io import PathManager
+
+    with PathManager.open(path, "rb") as f:
+        data = f.read()
+    if trust_checkpoints(trust):
+        logger.warning(f"Loading {path} with full unpickling ({TRUST_ENV} is set): it can run code.")
+        return pickle.loads(data, encoding="latin1")
+    try:
+        return _NumpyUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        raise _unsafe(path, str(e), "numpy arrays, numbers, strings and containers") from None
+
+
+def _unsafe(path: str, message: str, allowed: str) -> Exception:
+    found = list(dict.fromkeys(re.findall(r"GLOBAL ([\w.]+)", message)))
+    if not found:  # not a forbidden object: a damaged or foreign file
+        return pickle.UnpicklingError(f"cannot read checkpoint {path}: {message.strip()}")
+    return UnsafeCheckpointError(
+        f"refusing to load checkpoint {path}: it contains pickled objects ({', '.join(found)}) and "
+        f"unpickling them could run arbitrary code. Only {allowed} are accepted. If you trust this "
+        f"file, set {TRUST_ENV}=1 to load it anyway, or re-save its weights alone "
+        "(torch.save({'model': state_dict}, path)) in a trusted environment."
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# torch files
+# ---------------------------------------------------------------------------------------------
+def _torch_load(path: str, *, trust: Optional[bool] = None):
+    from detectron2.utils.file_io import PathManager
+
+    if trust_checkpoints(trust):
+        logger.warning(f"Loading {path} with torch.load(weights_only=False) ({TRUST_ENV} is set): it can run code.")
+        with PathManager.open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=False)
+    try:
+        with PathManager.open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise _unsafe(path, str(e), "tensors, numbers, strings and containers") from None
+
+
+def load_checkpoint_file(path: str, *, trust: Optional[bool] = None) -> Dict[str, Any]:
+    """Read a checkpoint file without running code from it (see the module docstring).
+
+    Returns:
+        what the file holds: detectron2's checkpoints are dicts with a ``"model"`` state dict.
+    """
+    if str(path).endswith(".pkl"):
+        return load_numpy_pickle(path, trust=trust)
+    return _torch_load(path, trust=trust)
+
+
+# ---------------------------------------------------------------------------------------------
+# Atomic writes
+# ---------------------------------------------------------------------------------------------
+def _fsync_dir(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # not possible on some systems (Windows): the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, write_fn) -> None:
+    """Write ``path`` through ``write_fn(file_object)`` so that it is either complete or absent.
+
+    The data goes to ``<path>.tmp`` in the same folder, is fsync'ed and renamed over ``path``
+    (``os.replace``); the folder is fsync'ed so that the rename survives a power loss.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_dir(directory)
+
+
+def _non_finite_tensors(state_dict: Dict[str, Any]) -> List[str]:
+    return [
+        k
+        for k, v in state_dict.items()
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all()
+    ]
+
+
+class SafeCheckpointer(DetectionCheckpointer):
+    """:class:`DetectionCheckpointer` with safe loading, atomic saving and clear mismatch reports.
+
+    Args:
+        model, save_dir, save_to_disk, checkpointables: as for DetectionCheckpointer.
+        strict: fail (:class:`CheckpointMismatchError`) if the checkpoint does not fit the model
+            exactly, instead of loading what fits. Resuming is always strict.
+        trust: allow checkpoints that need full unpickling (default: ``$SMCA_D2_TRUST_CHECKPOINTS``).
+    """
+
+    def __init__(self, model, save_dir="", *, save_to_disk=None, strict=False, trust=None, **checkpointables):
+        super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
+        self.strict = strict
+        self.trust = trust
+        self._strict_now = strict
+        self._resuming = False
+        self.last_load_report = None
+
+    # -- saving --------------------------------------------------------------------------------
+    def _is_local(self) -> bool:
+        return "://" not in str(self.save_dir)
+
+    def save(self, name: str, **kwargs: Any) -> None:
+        if not self.save_dir or not self.save_to_disk:
+            return
+        if not self._is_local():  # a remote PathManager backend: no atomic rename there
+            return super().save(name, **kwargs)
+        data = {"model": self.model.state_dict()}
+        bad = _non_finite_tensors(data["model"])
+        if bad:
+            raise NonFiniteWeightsError(
+                f"not saving checkpoint '{name}': the model has NaN/inf values in {len(bad)} tensor(s) "
+                f"({', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''}). The last checkpoint saved "
+                f"before this is {self.get_checkpoint_file() or 'none'}."
+            )
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        self.logger.info(f"Saving checkpoint to {save_file}")
+        os.makedirs(self.save_dir, exist_ok=True)
+        atomic_write(save_file, lambda f: torch.save(data, f))
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        if not self._is_local():
+            return super().tag_last_checkpoint(last_filename_basename)
+        path = os.path.join(self.save_dir, "last_checkpoint")
+        atomic_write(path, lambda f: f.write(last_filename_basename.encode()))
+
+    def remove_partial_files(self) -> List[str]:
+        """Delete ``*.tmp`` files left in ``save_dir`` by a process killed while saving."""
+        if not self.save_dir or not self.save_to_disk or not self._is_local() or not os.path.isdir(self.save_dir):
+            return []
+        removed = []
+        for name in os.listdir(self.save_dir):
+            if name.endswith(".pth.tmp") or name == "last_checkpoint.tmp":
+                os.remove(os.path.join(self.save_dir, name))
+                removed.append(name)
+        if removed:
+            self.logger.warning(f"Removed partial checkpoint file(s) of an interrupted save: {', '.join(removed)}")
+        return removed
+
+    # -- loading -------------------------------------------------------------------------------
+    def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
+        self.remove_partial_files()
+        if resume and self.has_checkpoint():
+            last = self.get_checkpoint_file()
+            if not os.path.isfile(last) and not self.path_manager.exists(last):
+                raise FileNotFoundError(
+                    f"{os.path.join(self.save_dir, 'last_checkpoint')} names {last}, which does not exist. "
+                    "Point last_checkpoint at an existing model_*.pth in that folder, or start without --resume."
+                )
+            self._strict_now = self._resuming = True  # resuming into another model is a config change
+            try:
+                return self.load(last)
+            finally:
+                self._strict_now, self._resuming = self.strict, False
+        return self.load(path, checkpointables=[])
+
+    def _load_file(self, filename: str) -> Dict[str, Any]:
+        if filename.endswith(".pkl"):
+            data = load_numpy_pickle(filename, trust=self.trust)
+            if not isinstance(data, dict):
+                raise ValueError(f"{filename} holds a {type(data).__name__}, not a dict of weights")
+            if "model" in data and "__author__" in data:  # detectron2 model zoo
+                self.logger.info(f"Reading a file from '{data['__author__']}'")
+                return data
+            if "blobs" in data:  # Caffe2 / Detectron1 detection models
+                data = data["blobs"]
+            data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
+            return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
+        loaded = load_checkpoint_file(filename, trust=self.trust)
+        if filename.endswith(".pyth"):  # pycls
+            if not isinstance(loaded, dict) or "model_state" not in loaded:
+                raise ValueError(f"Cannot load .pyth file {filename}; pycls checkpoints must contain 'model_state'.")
+            state = {k: v for k, v in loaded["model_state"].items() if not k.endswith("num_batches_tracked")}
+            return {"model": state, "__author__": "pycls", "matching_heuristics": True}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{filename} holds a {type(loaded).__name__}, not a checkpoint dict")
+        if "model" not in loaded:
+            loaded = {"model": loaded}
+        return loaded
+
+    def _log_incompatible_keys(self, incompatible) -> None:
+        from fvcore.common.checkpoint import _filter_reused_missing_keys
+
+        missing = _filter_reused_missing_keys(self.model, incompatible.missing_keys) if incompatible.missing_keys else []
+        shapes = list(incompatible.incorrect_shapes)
+        missing = [k for k in missing if k not in {name for name, _, _ in shapes}]
+        unexpected = list(incompatible.unexpected_keys)
+        self.last_load_report = {"incorrect_shapes": shapes, "missing": missing, "unexpected": unexpected}
+        if not (shapes or missing or unexpected):
+            self.logger.info("The checkpoint fits the model: every tensor was loaded.")
+            return
+        lines = []
+        if shapes:
+            lines.append(
+                f"{len(shapes)} tensor(s) have a different shape in the checkpoint and were NOT loaded; they keep "
+                "the model's freshly initialised values:"
+            )
+            lines += [f"    {k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in shapes]
+        if missing:
+            lines.append(f"{len(missing)} tensor(s) of the model are not in the checkpoint and keep their initial values:")
+            lines += [f"    {k}" for k in missing[:50]] + ([f"    ... and {len(missing) - 50} more"] if len(missing) > 50 else [])
+        if unexpected:
+            lines.append(f"{len(unexpected)} tensor(s) of the checkpoint are not used by the model:")
+            lines += [f"    {k}" for k in unexpected[:50]] + ([f"    ... and {len(unexpected) - 50} more"] if len(unexpected) > 50 else [])
+        summary = "\n".join(lines)
+        if self._strict_now:
+            if self._resuming:
+                how = (
+                    "Resuming needs the model the checkpoint was written for: did the config change? To start a "
+                    "new run from these weights, use another train.output_dir (or no --resume) with "
+                    "train.init_checkpoint=<checkpoint> (add train.strict_load=False to re-initialise what does not fit)."
+                )
+            else:
+                how = "Set train.strict_load=False to load what fits and keep the model's initial values for the rest."
+            raise CheckpointMismatchError("the checkpoint does not fit the model:\n" + summary + "\n" + how)
+        self.logger.warning("Checkpoint loaded partially:\n" + summary)

@@ -1,0 +1,217 @@
+"""Safe loading (no code runs from a checkpoint unless trusted) and atomic saving."""
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from smca_d2.checkpoint import (
+    TRUST_ENV,
+    NonFiniteWeightsError,
+    SafeCheckpointer,
+    UnsafeCheckpointError,
+    load_checkpoint_file,
+)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(4, 8)
+        self.head = nn.Linear(8, 3)
+
+
+class Evil:
+    """Unpickling this creates a directory: a stand-in for any code a pickle can run."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.makedirs, (self.path,))
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def test_pth_with_code_is_refused_unless_trusted(tmp_path, monkeypatch):
+    marker = str(tmp_path / "code_ran")
+    path = str(tmp_path / "evil.pth")
+    torch.save({"model": Net().state_dict(), "extra": Evil(marker)}, path)
+    monkeypatch.delenv(TRUST_ENV, raising=False)
+    with pytest.raises(UnsafeCheckpointError) as e:
+        SafeCheckpointer(Net()).load(path)
+    assert "refusing to load checkpoint" in str(e.value) and path in str(e.value)
+    assert "os.makedirs" in str(e.value) and f"{TRUST_ENV}=1" in str(e.value)
+    assert not os.path.exists(marker)
+
+    monkeypatch.setenv(TRUST_ENV, "1")  # the user's explicit opt-in
+    SafeCheckpointer(Net()).load(path)
+    assert os.path.isdir(marker)
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_model_zoo_pkl_of_numpy_arrays_loads(tmp_path, protocol):
+    source = Net()
+    weights = {k: v.numpy() for k, v in source.state_dict().items()}
+    path = str(tmp_path / "zoo.pkl")
+    with open(path, "wb") as f:
+        pickle.dump({"model": weights, "__author__": "Detectron2 Model Zoo", "scale": np.float32(2)}, f, protocol=protocol)
+    model = Net()
+    SafeCheckpointer(model).load(path)
+    for k, v in source.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v)
+
+
+def test_pkl_with_code_is_refused_unless_trusted(tmp_path, monkeypatch):
+    marker = str(tmp_path / "code_ran")
+    path = str(tmp_path / "evil.pkl")
+    with open(path, "wb") as f:
+        pickle.dump({"model": {"w": np.zeros(3)}, "__author__": "x", "payload": Evil(marker)}, f)
+    monkeypatch.delenv(TRUST_ENV, raising=False)
+    with pytest.raises(UnsafeCheckpointError, match="os.makedirs"):
+        SafeCheckpointer(Net()).load(path)
+    with pytest.raises(UnsafeCheckpointError):
+        load_checkpoint_file(path)
+    assert not os.path.exists(marker)
+    load_checkpoint_file(path, trust=True)
+    assert os.path.isdir(marker)
+
+
+def test_damaged_file_gives_a_clear_error(tmp_path):
+    path = str(tmp_path / "model_0000001.pth")
+    SafeCheckpointer(Net(), str(tmp_path)).save("model_0000001")
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    with pytest.raises(Exception, match="model_0000001.pth|zip|archive"):
+        SafeCheckpointer(Net()).load(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+# --------------------------------------------------------------------------------------------
+_KILL_DURING_SAVE = textwrap.dedent(
+    """
+    import io, os, signal, sys
+    import torch
+    from torch import nn
+    import smca_d2  # noqa
+    from detectron2.checkpoint import DetectionCheckpointer
+    from smca_d2.checkpoint import SafeCheckpointer
+
+    out, kind = sys.argv[1], sys.argv[2]
+    os.makedirs(out, exist_ok=True)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 10))
+    checkpointer = (SafeCheckpointer if kind == "safe" else DetectionCheckpointer)(model, out, save_to_disk=True)
+    checkpointer.save("model_0000001")
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    real_save = torch.save
+
+    def save_then_die(obj, f, *args, **kwargs):  # kill -9 with half of the file written
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        data = buffer.getvalue()
+        f.write(data[: len(data) // 2])
+        f.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    torch.save = save_then_die
+    checkpointer.save("model_0000002")
+    """
+)
+
+
+def _kill_during_save(tmp_path, kind):
+    out = tmp_path / kind
+    script = tmp_path / "kill_during_save.py"
+    script.write_text(_KILL_DURING_SAVE)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, str(script), str(out), kind], env=env, capture_output=True, text=True)
+    assert run.returncode == -signal.SIGKILL, run.stderr[-2000:]
+    return out
+
+
+def test_kill_during_checkpoint_write_leaves_the_last_checkpoint_intact(tmp_path):
+    out = _kill_during_save(tmp_path, "safe")
+    assert (out / "last_checkpoint").read_text() == "model_0000001.pth"
+    assert not (out / "model_0000002.pth").exists()  # never visible half-written
+    assert (out / "model_0000002.pth.tmp").exists()  # the partial data, under another name
+
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 10))
+    checkpointer = SafeCheckpointer(model, str(out))
+    checkpointer.resume_or_load("", resume=True)
+    expected = torch.load(out / "model_0000001.pth", weights_only=True)["model"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in expected.items())
+    assert not (out / "model_0000002.pth.tmp").exists()  # cleaned up on resume
+
+
+def test_detectron2_checkpointer_leaves_a_half_written_file(tmp_path):
+    """What the atomic save prevents: detectron2 writes the final file directly."""
+    out = _kill_during_save(tmp_path, "plain")
+    partial = out / "model_0000002.pth"
+    assert partial.exists() and str(partial) in SafeCheckpointer(Net(), str(out)).get_all_checkpoint_files()
+    with pytest.raises(Exception):
+        torch.load(partial, weights_only=True)
+
+
+def test_last_checkpoint_is_replaced_atomically(tmp_path, monkeypatch):
+    checkpointer = SafeCheckpointer(Net(), str(tmp_path))
+    checkpointer.save("model_0000001")
+
+    def crash(src, dst):
+        raise KeyboardInterrupt  # interrupted just before the rename
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointer.save("model_0000002")
+    monkeypatch.undo()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint", "model_0000001.pth"]
+
+
+def test_model_with_nan_weights_is_not_saved(tmp_path):
+    model = Net()
+    checkpointer = SafeCheckpointer(model, str(tmp_path))
+    checkpointer.save("model_0000001")
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteWeightsError, match="head.weight.*model_0000001.pth"):
+        checkpointer.save("model_0000002")
+    assert not (tmp_path / "model_0000002.pth").exists()
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000001.pth"
+
+
+def test_trainer_state_with_amp_grad_scaler_round_trips(tmp_path):
+    """Resume restores the iteration, the optimizer and the AMP grad scaler (AMPTrainer's state)."""
+    from detectron2.engine import AMPTrainer
+
+    def trainer(scale=None):
+        model = Net()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+        scaler = torch.amp.GradScaler("cpu")
+        scaler.scale(torch.ones(()))  # creates the scale tensor
+        if scale is not None:
+            scaler.update(new_scale=scale)
+        return AMPTrainer(model, [None], optimizer, grad_scaler=scaler), model, optimizer
+
+    first, model, optimizer = trainer(scale=1234.0)
+    model.head(model.body(torch.ones(2, 4))).sum().backward()
+    optimizer.step()
+    first.iter = 41
+    SafeCheckpointer(model, str(tmp_path), trainer=first).save("model_0000041")
+
+    second, model2, optimizer2 = trainer()
+    SafeCheckpointer(model2, str(tmp_path), trainer=second).resume_or_load("", resume=True)
+    assert second.iter == 41
+    assert second.grad_scaler.get_scale() == 1234.0
+    a, b = optimizer.state_dict()["state"], optimizer2.state_dict()["state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[i]["exp_avg"], b[i]["exp_avg"]) for i in a)
