@@ -10,14 +10,14 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "demo", "smca_r18_synthetic.py")
 
 
-def run_train_net(tmp_path, *args, check=True):
+def run_train_net(tmp_path, *args, check=True, size_jitter=32):
     """Run train_net.py in `tmp_path` on a tiny generated dataset; `args` default to the demo
     config when they name no --config-file."""
     from smca_d2.data.synthetic import make_synthetic_coco
 
     data = tmp_path / "data"
     if not data.exists():
-        make_synthetic_coco(str(data / "synthetic"), num_train=8, num_val=4, seed=1)
+        make_synthetic_coco(str(data / "synthetic"), num_train=8, num_val=4, seed=1, size_jitter=size_jitter)
     env = dict(os.environ, DETECTRON2_DATASETS=str(data), OMP_NUM_THREADS="2")
     if "--config-file" not in args:
         args = ("--config-file", CONFIG, *args)
