@@ -24,6 +24,8 @@ from typing import Dict, List, Mapping, Optional, Tuple
 import torch
 from torch import nn
 
+from .torchvision_resnet import map_torchvision_resnet_key
+
 __all__ = [
     "COCO_NUM_CLASS_SLOTS",
     "CompletenessReport",
@@ -37,7 +39,6 @@ __all__ = [
 # class_embed rows of the official COCO model: ids 0..90 (num_classes=91) + the no-object row.
 COCO_NUM_CLASS_SLOTS = 92
 
-_BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
 
 # The official transformer's parameter names (post-norm encoder/decoder, SMCA decoder layers).
 _TRANSFORMER_PATTERNS = [
@@ -59,7 +60,6 @@ _HEAD_PATTERNS = [
         r"query_embed\.weight",
     )
 ]
-_RES_BLOCK = re.compile(r"backbone\.0\.body\.layer(\d)\.(\d+)\.(.+)")
 
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
@@ -87,31 +87,11 @@ def _map_backbone_key(key: str) -> Optional[str]:
     prefix = "backbone.0.body."
     if not key.startswith(prefix):
         return None
-    rest = key[len(prefix) :]
-    if rest == "conv1.weight":
-        return "backbone.stem.conv1.weight"
-    for f in _BN_FIELDS:
-        if rest == f"bn1.{f}":
-            return f"backbone.stem.conv1.norm.{f}"
-    m = _RES_BLOCK.fullmatch(key)
-    if m is None:
+    try:
+        new = map_torchvision_resnet_key(key[len(prefix) :])
+    except KeyError:
         return None
-    layer, block, name = int(m.group(1)), m.group(2), m.group(3)
-    if not 1 <= layer <= 4:
-        return None
-    stage = f"backbone.res{layer + 1}.{block}"
-    m2 = re.fullmatch(r"conv([123])\.weight", name)
-    if m2:
-        return f"{stage}.conv{m2.group(1)}.weight"
-    m2 = re.fullmatch(r"bn([123])\.(\w+)", name)
-    if m2 and m2.group(2) in _BN_FIELDS:
-        return f"{stage}.conv{m2.group(1)}.norm.{m2.group(2)}"
-    if name == "downsample.0.weight":
-        return f"{stage}.shortcut.weight"
-    m2 = re.fullmatch(r"downsample\.1\.(\w+)", name)
-    if m2 and m2.group(1) in _BN_FIELDS:
-        return f"{stage}.shortcut.norm.{m2.group(1)}"
-    return None
+    return None if new is None else "backbone." + new
 
 
 def _class_rows(num_classes: int, num_slots: int) -> Optional[List[int]]:

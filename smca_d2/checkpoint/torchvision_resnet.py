@@ -43,7 +43,7 @@ _BN_FIELDS = ("weight", "bias", "running_mean", "running_var")
 _BLOCK = re.compile(r"layer([1-4])\.(\d+)\.(.+)")
 
 
-def _map_key(key: str) -> Optional[str]:
+def map_torchvision_resnet_key(key: str) -> Optional[str]:
     """Detectron2 name (without ``backbone.``) of a torchvision key; None for keys to drop;
     raises KeyError for keys that are not part of a torchvision ResNet."""
     if key.startswith("fc.") or key.endswith("num_batches_tracked"):
@@ -107,7 +107,7 @@ def convert_torchvision_resnet(
         raise ValueError(f"expected a ResNet-{depth}, the state dict is a ResNet-{found}")
     converted = OrderedDict()
     for key, value in state_dict.items():
-        name = _map_key(key)
+        name = map_torchvision_resnet_key(key)
         if name is not None:
             converted[prefix + name] = value
     return converted

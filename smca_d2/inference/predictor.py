@@ -16,12 +16,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.catalog import Metadata
 from detectron2.structures import Instances
+
+from smca_d2.checkpoint import SafeCheckpointer
 
 __all__ = ["LazyPredictor", "build_test_augmentations", "dataset_class_names", "load_config"]
 
@@ -141,7 +142,7 @@ class LazyPredictor:
         """
         Args:
             cfg_or_path: a LazyConfig path or a loaded LazyConfig (it is not modified).
-            checkpoint: weights to load with ``DetectionCheckpointer`` (a path or URL). None uses
+            checkpoint: weights to load with :class:`smca_d2.checkpoint.SafeCheckpointer` (a path or URL). None uses
                 ``cfg.train.init_checkpoint`` when it is set; "" loads nothing (random weights).
             device: "cpu", "cuda", ... (default: ``cfg.train.device``, or the CPU if CUDA is
                 not available).
@@ -166,7 +167,7 @@ class LazyPredictor:
             checkpoint = _select(self.cfg, "train.init_checkpoint", "") or ""
         self.checkpoint = checkpoint
         if checkpoint:
-            DetectionCheckpointer(self.model).load(checkpoint)
+            SafeCheckpointer(self.model).load(checkpoint)
         else:
             logger.warning("LazyPredictor: no checkpoint given, the model has random weights")
 
