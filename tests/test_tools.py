@@ -163,3 +163,29 @@ def test_convert_torchvision_resnet_errors(torchvision_r50, tmp_path):
     with contextlib.redirect_stderr(io.StringIO()) as stderr:
         assert tool.main(["--input", bad, "--output", str(tmp_path / "y.pth")]) == 1
     assert "error" in stderr.getvalue()
+
+
+@pytest.mark.slow
+def test_benchmark_tool_writes_a_table_and_json(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from smca_d2.data.synthetic import make_synthetic_coco
+
+    make_synthetic_coco(str(tmp_path / "data" / "synthetic"), num_train=6, num_val=3, seed=2)
+    out = tmp_path / "bench.json"
+    cmd = [
+        sys.executable, os.path.join(REPO, "tools", "benchmark.py"),
+        "--config-file", os.path.join(REPO, "configs", "demo", "smca_r18_synthetic.py"),
+        "--iters", "2", "--warmup", "1", "--output", str(out),
+        "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0",
+        "dataloader.test.num_workers=0", "model.transformer.decoder.num_layers=2",
+    ]
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "data"), OMP_NUM_THREADS="2")
+    run = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "| inference images/s |" in run.stdout and "| training iterations/s" in run.stdout
+    record = json.loads(out.read_text())
+    for value in [*record["results"]["inference"].values(), *record["results"]["train"].values()]:
+        assert value > 0
