@@ -3,12 +3,7 @@ import torch
 
 from detectron2.data import MetadataCatalog
 
-
-def _dataset_names(dataset_cfg):
-    names = dataset_cfg.get("names") if hasattr(dataset_cfg, "get") else None
-    if names is None:
-        return []
-    return [names] if isinstance(names, str) else list(names)
+from .config import config_dataset_names
 
 
 def check_num_classes(cfg) -> None:
@@ -17,17 +12,14 @@ def check_num_classes(cfg) -> None:
     Must run after the datasets were loaded once (their metadata is filled in on load).
     """
     num_classes = cfg.model.num_classes
-    for split in ("train", "test"):
-        if split not in cfg.dataloader:
-            continue
-        for name in _dataset_names(cfg.dataloader[split].dataset):
-            classes = MetadataCatalog.get(name).get("thing_classes", None)
-            if classes is not None and len(classes) != num_classes:
-                raise ValueError(
-                    f"model.num_classes={num_classes} but dataset '{name}' has {len(classes)} "
-                    f"classes ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}). "
-                    f"Set model.num_classes={len(classes)} on the command line or in the config."
-                )
+    for name in config_dataset_names(cfg, splits=("train", "test")):
+        classes = MetadataCatalog.get(name).get("thing_classes", None)
+        if classes is not None and len(classes) != num_classes:
+            raise ValueError(
+                f"model.num_classes={num_classes} but dataset '{name}' has {len(classes)} "
+                f"classes ({', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''}). "
+                f"Set model.num_classes={len(classes)} on the command line or in the config."
+            )
 
 
 def check_device(device: str) -> None:

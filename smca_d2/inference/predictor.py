@@ -23,6 +23,8 @@ from detectron2.data.catalog import Metadata
 from detectron2.structures import Instances
 
 from smca_d2.checkpoint import SafeCheckpointer
+from smca_d2.engine.config import check_override_keys
+from smca_d2.engine.config import load_config as load_checked_config
 
 __all__ = ["LazyPredictor", "build_test_augmentations", "dataset_class_names", "load_config"]
 
@@ -32,20 +34,19 @@ IMAGE_FORMATS = ("RGB", "BGR")
 
 
 def load_config(cfg_or_path: Union[str, os.PathLike, DictConfig], overrides: Optional[List[str]] = None):
-    """A LazyConfig from a path (loaded) or a config object (deep-copied), with overrides applied.
+    """A LazyConfig from a path (loaded as train_net.py does) or a config object (deep-copied),
+    with overrides applied; override keys that are not in the config are refused.
 
     Args:
         cfg_or_path: path of a LazyConfig ``.py``/``.yaml`` file, or a loaded config.
         overrides: ``key=value`` strings, as on the command line of ``train_net.py``.
     """
+    overrides = list(overrides or ())
     if isinstance(cfg_or_path, (str, os.PathLike)):
-        cfg = LazyConfig.load(os.fspath(cfg_or_path))
-    else:
-        cfg = copy.deepcopy(cfg_or_path)
-    if overrides:
-        cfg = LazyConfig.apply_overrides(cfg, list(overrides))
-    return cfg
-
+        return load_checked_config(os.fspath(cfg_or_path), overrides)
+    cfg = copy.deepcopy(cfg_or_path)
+    check_override_keys(cfg, overrides)
+    return LazyConfig.apply_overrides(cfg, overrides) if overrides else cfg
 
 def _select(cfg, dotted: str, default=None):
     node = cfg
