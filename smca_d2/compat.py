@@ -213,7 +213,12 @@ def _cpu_worker(
             if i == machine_rank:
                 comm._LOCAL_PROCESS_GROUP = group
     comm.synchronize()
-    main_func(*args)
+    try:
+        main_func(*args)
+    finally:
+        # Without an explicit teardown, GLOO's threads can be torn down at interpreter exit while
+        # still running, which aborts the process ("terminate called without an active exception").
+        dist.destroy_process_group()
 
 
 def create_ddp_model(model, *, fp16_compression=False, **kwargs):
