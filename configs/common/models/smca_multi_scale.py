@@ -4,16 +4,27 @@ from detectron2.config import LazyCall as L
 
 from smca_d2.modeling import MultiScaleEncoder
 
-from .smca_single_scale import model
+from .smca_single_scale import model as _single_scale_model
 
-model.backbone.out_features = ["res4", "res5"]
-model.in_features = ["res4", "res5"]
-model.num_extra_levels = 1
-model.transformer.decoder.num_levels = 3  # len(in_features) + num_extra_levels
-model.transformer.encoder = L(MultiScaleEncoder)(
-    block_types=["intra", "intra", "multi", "intra", "intra"],
-    d_model="${..decoder.d_model}",
-    nhead="${..decoder.nhead}",
-    dim_feedforward="${..decoder.dim_feedforward}",
-    dropout="${..decoder.dropout}",
-)
+
+def make_multi_scale(model, in_features=("res4", "res5"), num_extra_levels=1):
+    """Turn a single-scale SMCA model config into the paper's multi-scale model (in place).
+
+    Config files of other single-scale models (e.g. a small backbone) call this too, so the
+    multi-scale recipe is written once.
+    """
+    model.backbone.out_features = list(in_features)
+    model.in_features = list(in_features)
+    model.num_extra_levels = num_extra_levels
+    model.transformer.decoder.num_levels = len(in_features) + num_extra_levels
+    model.transformer.encoder = L(MultiScaleEncoder)(
+        block_types=["intra", "intra", "multi", "intra", "intra"],
+        d_model="${..decoder.d_model}",
+        nhead="${..decoder.nhead}",
+        dim_feedforward="${..decoder.dim_feedforward}",
+        dropout="${..decoder.dropout}",
+    )
+    return model
+
+
+model = make_multi_scale(_single_scale_model)
