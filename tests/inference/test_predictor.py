@@ -59,9 +59,16 @@ def test_channel_order_is_converted(checkpoint):
 def test_checkpoint_is_loaded(checkpoint):
     path, written = checkpoint
     cfg = tiny_config()
-    predictor = LazyPredictor(cfg, path, device="cpu")
+    predictor = LazyPredictor(cfg, path, device="cpu", optimize=False)
     for key, value in written.state_dict().items():
         assert torch.equal(predictor.model.state_dict()[key], value), key
+    # By default batch norms are folded into the convolutions: other tensors, same detections.
+    optimized = LazyPredictor(cfg, path, device="cpu")
+    assert not any("norm" in k for k in optimized.model.backbone.state_dict())
+    image = np.random.default_rng(0).integers(0, 255, size=(64, 80, 3), dtype=np.uint8)
+    a, b = predictor(image), optimized(image)
+    assert torch.allclose(a.scores, b.scores, atol=1e-4)
+    assert torch.allclose(a.pred_boxes.tensor, b.pred_boxes.tensor, atol=1e-2)
     # checkpoint=None reads train.init_checkpoint, like DefaultPredictor reads MODEL.WEIGHTS.
     cfg.train.init_checkpoint = path
     from_cfg = LazyPredictor(cfg, device="cpu")

@@ -1,0 +1,67 @@
+"""Inference-time speed-ups that keep a model's outputs (to float rounding).
+
+* :func:`fold_frozen_batchnorm` folds every frozen batch norm (``FrozenBatchNorm2d``, or a
+  ``BatchNorm2d`` used with its running statistics) that follows a Detectron2 ``Conv2d`` (its
+  ``norm``) into the convolution's weight and bias: one op instead of two per convolution, and one
+  full-size activation less to write and read.
+* :func:`optimize_for_inference` does that and, on the CPU, puts the backbone in channels-last
+  memory format (oneDNN's preferred layout for convolutions).
+
+Both change the model in place and are meant for a model that is only evaluated from then on:
+the folded weights are different tensors (a checkpoint written afterwards no longer has the
+``norm`` entries), and training a folded model would train ``w * s`` instead of ``w``.
+"""
+import torch
+from torch import nn
+
+__all__ = ["fold_frozen_batchnorm", "optimize_for_inference"]
+
+
+@torch.no_grad()
+def fold_frozen_batchnorm(module: nn.Module) -> int:
+    """Fold each ``conv.norm`` that is a frozen batch norm into ``conv``; returns how many.
+
+    The folded parameters do not require gradients (the result is for inference).
+
+    ``y = (conv(x) - mean) / sqrt(var + eps) * gamma + beta`` becomes ``conv'(x)`` with
+    ``W' = W * s`` and ``b' = (b - mean) * s + beta`` where ``s = gamma / sqrt(var + eps)``.
+    """
+    from detectron2.layers import Conv2d, FrozenBatchNorm2d
+
+    folded = 0
+    for conv in module.modules():
+        norm = getattr(conv, "norm", None)
+        if not isinstance(conv, Conv2d):
+            continue
+        if isinstance(norm, nn.BatchNorm2d) and type(norm) is not nn.BatchNorm2d:
+            continue  # SyncBatchNorm & co.: leave alone
+        if isinstance(norm, nn.BatchNorm2d) and norm.running_mean is None:
+            continue  # batch statistics even at inference: nothing to fold
+        if not isinstance(norm, (FrozenBatchNorm2d, nn.BatchNorm2d)):
+            continue
+        gamma = norm.weight if norm.weight is not None else torch.ones_like(norm.running_var)
+        beta = norm.bias if norm.bias is not None else torch.zeros_like(norm.running_var)
+        scale = gamma * (norm.running_var + norm.eps).rsqrt()
+        bias = beta - norm.running_mean * scale
+        if conv.bias is not None:
+            bias = bias + conv.bias * scale
+        weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+        conv.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        conv.bias = nn.Parameter(bias.detach(), requires_grad=False)
+        conv.norm = None
+        folded += 1
+    return folded
+
+
+def optimize_for_inference(model: nn.Module, channels_last: bool = None) -> nn.Module:
+    """Fold frozen batch norms of ``model.backbone`` (or of ``model``) and, by default on the CPU,
+    use channels-last memory format for it. Returns ``model`` (changed in place, eval mode)."""
+    model.eval()
+    backbone = getattr(model, "backbone", model)
+    fold_frozen_batchnorm(backbone)
+    if channels_last is None:
+        param = next(backbone.parameters(), None)
+        channels_last = param is not None and param.device.type == "cpu"
+    if channels_last:
+        backbone.to(memory_format=torch.channels_last)
+    return model

@@ -1,0 +1,54 @@
+"""fold_frozen_batchnorm / optimize_for_inference keep the outputs."""
+import copy
+
+import torch
+
+from detectron2.layers import FrozenBatchNorm2d
+from detectron2.modeling.backbone import BasicStem, ResNet
+
+from smca_d2.modeling.fusion import fold_frozen_batchnorm, optimize_for_inference
+
+
+def _resnet(depth=18):
+    torch.manual_seed(0)
+    model = ResNet(
+        BasicStem(in_channels=3, out_channels=64, norm="FrozenBN"),
+        ResNet.make_default_stages(depth, norm="FrozenBN"),
+        out_features=["res4", "res5"],
+    ).eval()
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():  # non-trivial statistics, or folding would be an identity
+        if isinstance(m, FrozenBatchNorm2d):
+            m.weight.copy_(torch.rand(m.weight.shape, generator=gen) + 0.5)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=gen) * 0.2)
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=gen) * 0.2)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=gen) + 0.5)
+    return model
+
+
+def test_fold_frozen_batchnorm_keeps_outputs():
+    model = _resnet()
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        ref = model(x)
+    folded = copy.deepcopy(model)
+    n = fold_frozen_batchnorm(folded)
+    assert n == 1 + 8 * 2 + 3  # stem + two convs per basic block + three shortcut convs
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in folded.modules())
+    with torch.no_grad():
+        out = folded(x)
+    for k in ref:
+        assert torch.allclose(out[k], ref[k], rtol=1e-4, atol=1e-4 * ref[k].abs().max()), k
+    assert fold_frozen_batchnorm(folded) == 0  # idempotent
+
+
+def test_optimize_for_inference_channels_last():
+    model = _resnet()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        out = optimize_for_inference(model)(x)
+    conv = model.stem.conv1
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    for k in ref:
+        assert torch.allclose(out[k], ref[k], rtol=1e-4, atol=1e-4 * ref[k].abs().max()), k
