@@ -1,0 +1,758 @@
+#!/usr/bin/env python
+"""Speed and memory of SMCA-DETR, side by side with the official implementation.
+
+    python benchmarks/speed.py                                   # ours only (CPU)
+    python benchmarks/speed.py --official-repo /path/to/SMCA-DETR  # + the official code
+    python benchmarks/speed.py --device cuda --amp --official-repo ...
+
+``--official-repo`` is a work tree of gaopengcuhk/SMCA-DETR; its ``models`` and ``util`` are
+imported from there at run time (nothing of it is part of this repository).
+
+What is measured, in one run (every measurement in its own fresh process, so that peak memory
+belongs to one model and one task):
+
+1. single-scale R50 SMCA, ours and official: inference time per image at each ``--sizes``
+   (default 800x1066 and 800x1333), training time per iteration (``--train-batch`` images of
+   ``--train-size``; forward, loss with Hungarian matching, backward, gradient clipping, AdamW
+   step) and peak memory of each (CPU: peak resident set size above the level after the model is
+   built; GPU: ``torch.cuda.max_memory_allocated``). Both models get the same random weights
+   (the official ones, converted with smca_d2's converter, all 92 class columns) and the same
+   inputs; the outputs of every decoder layer and the training losses are checked equal;
+2. where the time goes (forward hooks): backbone, encoder, decoder, the Gaussian prior,
+   matcher, backward + optimizer step, and what share of inference is the backbone (the limit
+   of any speed-up of the rest);
+   Ours is also run after :func:`smca_d2.modeling.fusion.optimize_for_inference` (frozen batch
+   norms folded into the convolutions, channels-last backbone on the CPU; "optimized");
+3. our multi-scale SMCA and DETR baseline (inference and training);
+4. how inference time grows with the image size and the number of queries (ours and official).
+
+Prints tables and writes JSON (``--output``) and a PNG next to it; ``--replot JSON`` redraws
+both from an earlier run.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from typing import Dict, List, Optional
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+
+CONFIGS = {
+    "smca_single_scale": "configs/smca_single_scale_r50_50ep.py",
+    "smca_multi_scale": "configs/smca_multi_scale_r50_50ep.py",
+    "detr_baseline": "configs/detr_baseline_r50_50ep.py",
+}
+NUM_CLASS_COLUMNS = 92  # the official head: every COCO id + "no object"; ours converted with all
+
+
+# =========================================================================== worker (one task)
+def _rss_kib(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            m = re.search(rf"{field}:\s+(\d+)", f.read())
+        return int(m.group(1)) if m else None
+    except OSError:
+        return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the process's peak RSS (VmHWM) to its current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _images(count, size, seed=0):
+    from smca_d2.checkpoint.official_code import synthetic_image
+
+    h, w = size
+    return [synthetic_image(h, w, seed + i) for i in range(count)]
+
+
+def _targets(count, size, seed=0):
+    """Seeded random boxes (pixels, XYXY) and official class ids (1..90, COCO ids in use)."""
+    import torch
+
+    from smca_d2.checkpoint import coco_contiguous_category_ids
+
+    ids = torch.tensor(coco_contiguous_category_ids())
+    gen = torch.Generator().manual_seed(seed + 100)
+    h, w = size
+    boxes, labels = [], []
+    for _ in range(count):
+        n = 6
+        cxcy = torch.rand(n, 2, generator=gen) * torch.tensor([w, h])
+        wh = (torch.rand(n, 2, generator=gen) * 0.4 + 0.05) * torch.tensor([w, h])
+        xyxy = torch.cat([cxcy - wh / 2, cxcy + wh / 2], dim=1)
+        xyxy[:, 0::2] = xyxy[:, 0::2].clamp(0, w)
+        xyxy[:, 1::2] = xyxy[:, 1::2].clamp(0, h)
+        boxes.append(xyxy)
+        labels.append(ids[torch.randint(len(ids), (n,), generator=gen)])
+    return boxes, labels
+
+
+class _Impl:
+    """A model (ours or the official one) behind one interface: inference and a training step."""
+
+    def __init__(self, spec):
+        import torch
+
+        self.spec, self.device = spec, spec["device"]
+        torch.manual_seed(spec.get("seed", 0))
+        if spec["impl"] == "official":
+            from smca_d2.checkpoint.official_code import build_official_model
+
+            overrides = {"num_queries": spec["num_queries"]} if spec.get("num_queries") else {}
+            self.model, self.criterion, self.args, self.misc = build_official_model(
+                spec["official_repo"], self.device, spec.get("seed", 0), randomize=False,
+                with_criterion=True, **overrides,
+            )
+            if spec.get("official_checkpoint"):
+                sd = torch.load(spec["official_checkpoint"], map_location="cpu", weights_only=False)["model"]
+                self.model.load_state_dict(sd)
+            from smca_d2.checkpoint.official_code import import_official
+
+            self.postprocess = import_official(spec["official_repo"])[1].PostProcess()
+        else:
+            from detectron2.config import instantiate
+
+            from smca_d2.engine import load_config
+
+            cfg = load_config(os.path.join(REPO_ROOT, CONFIGS[spec["model"]]), [])
+            cfg.model.num_classes = NUM_CLASS_COLUMNS
+            if spec.get("num_queries"):
+                cfg.model.num_queries = spec["num_queries"]
+            self.model = instantiate(cfg.model).to(self.device).eval()
+            if spec.get("official_checkpoint"):
+                from smca_d2.checkpoint import convert_official_state_dict, load_official_checkpoint
+
+                sd = convert_official_state_dict(
+                    load_official_checkpoint(spec["official_checkpoint"]), num_classes=NUM_CLASS_COLUMNS
+                )
+                self.model.load_state_dict(sd, strict=True)
+            if spec.get("optimize"):
+                from smca_d2.modeling.fusion import optimize_for_inference
+
+                optimize_for_inference(self.model)
+            self.cfg = cfg
+
+    # ---- inference
+    def infer(self, images):
+        import torch
+
+        with torch.no_grad(), self._autocast():
+            if self.spec["impl"] == "official":
+                from smca_d2.checkpoint.official_code import run_official
+
+                out = run_official(self.model, self.misc, images, self.device)
+                sizes = torch.tensor([img.shape[-2:] for img in images], device=self.device)
+                return self.postprocess(out, sizes)  # the official top-100 and boxes in pixels
+            inputs = [{"image": img.to(self.device), "height": img.shape[-2], "width": img.shape[-1]}
+                      for img in images]
+            return self.model(inputs)  # the path users run: top-100, Instances in pixels
+
+    def raw_outputs(self, images):
+        """Every decoder layer's (logits, boxes), last layer first, as float32 CPU tensors."""
+        import torch
+
+        with torch.no_grad():
+            if self.spec["impl"] == "official":
+                from smca_d2.checkpoint.official_code import run_official
+
+                out = run_official(self.model, self.misc, images, self.device)
+            else:
+                inputs = [{"image": img.to(self.device)} for img in images]
+                out = self.model.forward_outputs(self.model.preprocess_image(inputs))
+        layers = [out] + list(reversed(out.get("aux_outputs", [])))
+        return [(o["pred_logits"].float().cpu(), o["pred_boxes"].float().cpu()) for o in layers]
+
+    # ---- training
+    def setup_training(self, images, boxes, labels):
+        import torch
+
+        self.model.train()
+        if self.spec["impl"] == "official":
+            from smca_d2.checkpoint.official_code import official_samples, official_targets
+
+            self.samples = official_samples(self.misc, images, self.device)
+            self.targets = official_targets(images, boxes, labels, device=self.device)
+            a = self.args
+            groups = [
+                {"params": [p for n, p in self.model.named_parameters() if "backbone" not in n and p.requires_grad]},
+                {"params": [p for n, p in self.model.named_parameters() if "backbone" in n and p.requires_grad],
+                 "lr": a.lr_backbone},
+            ]
+            self.optimizer = torch.optim.AdamW(groups, lr=a.lr, weight_decay=a.weight_decay)
+        else:
+            from detectron2.config import instantiate
+            from detectron2.structures import Boxes, Instances
+
+            self.inputs = []
+            for img, b, lab in zip(images, boxes, labels):
+                inst = Instances(tuple(img.shape[-2:]))
+                inst.gt_boxes = Boxes(b.clone())
+                inst.gt_classes = lab.clone()
+                self.inputs.append({"image": img, "instances": inst})
+            self.cfg.optimizer.params.model = self.model
+            self.optimizer = instantiate(self.cfg.optimizer)
+        self.scaler = torch.amp.GradScaler("cuda") if self.spec.get("amp") else None
+
+    def loss(self):
+        """The total weighted loss of the current weights (graph kept)."""
+        with self._autocast():
+            if self.spec["impl"] == "official":
+                outputs = self.model([self.samples, self.targets])
+                loss_dict = self.criterion(outputs, self.targets)
+                w = self.criterion.weight_dict
+                return sum(loss_dict[k] * w[k] for k in loss_dict if k in w)
+            return sum(self.model(self.inputs).values())
+
+    def train_step(self):
+        import torch
+
+        loss = self.loss()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if self.spec["impl"] == "official":
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_max_norm)
+            self.scaler.step(self.optimizer)  # ours clips inside step(), after unscaling
+            self.scaler.update()
+        else:
+            loss.backward()
+            if self.spec["impl"] == "official":
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_max_norm)
+            self.optimizer.step()
+        return float(loss)
+
+    @contextmanager
+    def _autocast(self):
+        import torch
+
+        if self.spec.get("amp") and self.device.startswith("cuda"):
+            with torch.autocast("cuda", dtype=torch.float16):
+                yield
+        else:
+            yield
+
+    # ---- where the time goes
+    def parts(self):
+        """Submodules timed by the profile: name -> module."""
+        if self.spec["impl"] == "official":
+            m = self.model
+            return {"backbone": m.backbone, "encoder": m.transformer.encoder,
+                    "decoder": m.transformer.decoder, "matcher": self.criterion.matcher}
+        m = self.model
+        return {"backbone": m.backbone, "encoder": m.transformer.encoder,
+                "decoder": m.transformer.decoder, "matcher": m.criterion.matcher}
+
+
+@contextmanager
+def _timing_hooks(impl: _Impl, totals: Dict[str, float]):
+    """Accumulate wall time spent in each part (forward) into ``totals``."""
+    handles, starts = [], {}
+    device = impl.device
+
+    for name, module in impl.parts().items():
+        def pre(_m, _inp, name=name):
+            _sync(device)
+            starts[name] = time.perf_counter()
+
+        def post(_m, _inp, _out, name=name):
+            _sync(device)
+            totals[name] = totals.get(name, 0.0) + time.perf_counter() - starts.pop(name)
+
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post))
+    patched = None
+    if impl.spec["impl"] == "ours":
+        import smca_d2.modeling.decoder as decoder_module
+
+        original = decoder_module.gaussian_log_weights
+
+        def timed(*a, **k):
+            _sync(device)
+            t0 = time.perf_counter()
+            out = original(*a, **k)
+            _sync(device)
+            totals["gaussian_prior"] = totals.get("gaussian_prior", 0.0) + time.perf_counter() - t0
+            return out
+
+        decoder_module.gaussian_log_weights, patched = timed, (decoder_module, original)
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        if patched:
+            patched[0].gaussian_log_weights = patched[1]
+
+
+def _timed_runs(fn, warmup, repeats, device):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def run_worker(spec) -> dict:
+    import torch
+
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    import smca_d2  # noqa: F401  (compatibility fixes)
+
+    device = spec["device"]
+    impl = _Impl(spec)
+    result = {"params": sum(p.numel() for p in impl.model.parameters() if p.requires_grad)}
+    task, size = spec["task"], tuple(spec["size"])
+
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base_mem = torch.cuda.memory_allocated()
+    rss_before = _rss_kib("VmRSS")
+    peak_reset = _reset_peak_rss()
+
+    if task == "inference":
+        images = _images(1, size)
+        impl.model.eval()
+        times = _timed_runs(lambda: impl.infer(images), spec["warmup"], spec["repeats"], device)
+        result["s_per_image"] = statistics.median(times)
+        result["times"] = times
+    elif task == "outputs":
+        images = _images(spec.get("batch", 1), size)
+        impl.model.eval()
+        torch.save(impl.raw_outputs(images), spec["save"])
+    elif task == "train":
+        images = _images(spec["batch"], size)
+        boxes, labels = _targets(spec["batch"], size)
+        impl.setup_training(images, boxes, labels)
+        # The loss of the initial weights with dropout off (both models then compute the same
+        # function), for the equality check; then timed steps with dropout on.
+        transformer = impl.model.transformer
+        transformer.eval()
+        with torch.no_grad():
+            result["initial_loss_no_dropout"] = float(impl.loss())
+        transformer.train()
+        times = _timed_runs(impl.train_step, spec["warmup"], spec["repeats"], device)
+        result["s_per_iter"] = statistics.median(times)
+        result["times"] = times
+    elif task == "profile":
+        images = _images(1, size)
+        impl.model.eval()
+        _timed_runs(lambda: impl.infer(images), spec["warmup"], 0, device)
+        totals: Dict[str, float] = {}
+        with _timing_hooks(impl, totals):
+            times = _timed_runs(lambda: impl.infer(images), 0, spec["repeats"], device)
+        n = spec["repeats"]
+        result["inference_total_s"] = sum(times) / n
+        result["inference_parts_s"] = {k: v / n for k, v in totals.items()}
+        # A training step, split into forward parts (matcher included), the rest of the forward
+        # and loss, and backward + optimizer step.
+        boxes, labels = _targets(spec["batch"], size)
+        train_images = _images(spec["batch"], size)
+        impl.setup_training(train_images, boxes, labels)
+        for _ in range(spec["warmup"]):
+            impl.train_step()
+        totals, fwd, bwd = {}, [], []
+        for _ in range(n):
+            with _timing_hooks(impl, totals):
+                _sync(device)
+                t0 = time.perf_counter()
+                loss = impl.loss()
+                _sync(device)
+                t1 = time.perf_counter()
+            impl.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if impl.spec["impl"] == "official":
+                torch.nn.utils.clip_grad_norm_(impl.model.parameters(), impl.args.clip_max_norm)
+            impl.optimizer.step()
+            _sync(device)
+            fwd.append(t1 - t0)
+            bwd.append(time.perf_counter() - t1)
+        result["train_parts_s"] = {k: v / n for k, v in totals.items()}
+        result["train_forward_and_loss_s"] = sum(fwd) / n
+        result["train_backward_and_step_s"] = sum(bwd) / n
+    else:
+        raise ValueError(f"unknown task {task!r}")
+
+    if device.startswith("cuda"):
+        result["peak_mem_mib"] = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
+        result["peak_mem_kind"] = "cuda max_memory_allocated above the model"
+    elif peak_reset and rss_before is not None:
+        result["peak_mem_mib"] = (_rss_kib("VmHWM") - rss_before) / 1024
+        result["peak_mem_kind"] = "peak RSS above the RSS after building the model"
+    return result
+
+
+# =========================================================================== driver
+def parse_size(text: str):
+    m = re.fullmatch(r"(\d+)x(\d+)", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"expected HxW (e.g. 800x1066), got {text!r}")
+    return int(m.group(1)), int(m.group(2))
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--official-repo", default=None, help="work tree of gaopengcuhk/SMCA-DETR (optional)")
+    add("--device", default="cpu")
+    add("--amp", action="store_true", help="also measure mixed precision (CUDA only)")
+    add("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
+    add("--sizes", type=parse_size, nargs="+", default=[(800, 1066), (800, 1333)], metavar="HxW")
+    add("--train-size", type=parse_size, default=(800, 1066), metavar="HxW")
+    add("--train-batch", type=int, default=2)
+    add("--warmup", type=int, default=1)
+    add("--repeats", type=int, default=3)
+    add("--scaling-sizes", type=parse_size, nargs="*",
+        default=[(480, 640), (640, 853), (800, 1066), (1024, 1365)], metavar="HxW")
+    add("--scaling-queries", type=int, nargs="*", default=[100, 300, 900])
+    add("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    add("--skip", nargs="*", default=[], choices=["profile", "scaling", "train"])
+    add("--tol", type=float, default=1e-4, help="max |difference| of outputs (default: %(default)s)")
+    add("--seed", type=int, default=0)
+    add("--output", default="output/benchmarks/speed.json")
+    add("--replot", default=None, metavar="JSON",
+        help="only print the tables and write the plot of an earlier run's JSON")
+    add("--worker", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.amp and not args.device.startswith("cuda"):
+        parser.error("--amp needs --device cuda")
+    if args.official_repo and not os.path.isfile(os.path.join(args.official_repo, "models", "detr.py")):
+        parser.error(f"--official-repo {args.official_repo!r} is not a work tree of SMCA-DETR (no models/detr.py)")
+    return args
+
+
+class Driver:
+    def __init__(self, args, tmp):
+        self.args, self.tmp, self.n = args, tmp, 0
+
+    def run(self, **spec) -> dict:
+        """Run one task in a fresh process; returns its result dict."""
+        a = self.args
+        spec = {"device": a.device, "threads": a.threads, "warmup": a.warmup, "repeats": a.repeats,
+                "seed": a.seed, "official_repo": a.official_repo, "batch": a.train_batch, **spec}
+        self.n += 1
+        spec_file = os.path.join(self.tmp, f"spec{self.n}.json")
+        out_file = os.path.join(self.tmp, f"result{self.n}.json")
+        with open(spec_file, "w") as f:
+            json.dump({**spec, "result_file": out_file}, f)
+        desc = f"{spec['impl']:8s} {spec.get('model', 'smca_single_scale'):17s} {spec['task']:9s} " \
+               f"{spec['size'][0]}x{spec['size'][1]}" + (f" q{spec['num_queries']}" if spec.get("num_queries") else "") \
+               + (" amp" if spec.get("amp") else "") + (" optimized" if spec.get("optimize") else "")
+        print(f"  {desc} ...", end="", flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", spec_file],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(" FAILED")
+            raise SystemExit(f"worker failed ({desc}):\n{proc.stderr[-4000:]}")
+        with open(out_file) as f:
+            result = json.load(f)
+        print(f" {time.perf_counter() - t0:.0f} s", flush=True)
+        return result
+
+
+def max_abs_diff(a_file: str, b_file: str) -> dict:
+    import torch
+
+    a, b = torch.load(a_file), torch.load(b_file)
+    return {
+        "max_abs_logits": max(float((x[0] - y[0]).abs().max()) for x, y in zip(a, b)),
+        "max_abs_boxes": max(float((x[1] - y[1]).abs().max()) for x, y in zip(a, b)),
+        "layers": len(a),
+    }
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.worker:
+        with open(args.worker) as f:
+            spec = json.load(f)
+        result = run_worker(spec)
+        with open(spec["result_file"], "w") as f:
+            json.dump(result, f)
+        return result
+    if args.replot:
+        with open(args.replot) as f:
+            report = json.load(f)
+        print_report(report)
+        png = os.path.splitext(args.replot)[0] + ".png"
+        plot_report(report, png)
+        print(f"\nwrote {png}")
+        return report
+
+    import torch
+
+    report: dict = {
+        "environment": {
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "machine": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
+            "torch": torch.__version__,
+            "threads": args.threads or torch.get_num_threads(),
+        },
+        "settings": {k: v for k, v in vars(args).items() if k != "worker"},
+        "official": bool(args.official_repo),
+    }
+    impls = ["ours"] + (["official"] if args.official_repo else [])
+    precisions = [False] + ([True] if args.amp else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        drv = Driver(args, tmp)
+        common = {"model": "smca_single_scale"}
+        if args.official_repo:
+            # Shared random weights: the official model, seeded and perturbed, saved as the
+            # official main.py saves; ours is built from it by the converter.
+            from smca_d2.checkpoint.official_code import build_official_model
+
+            import smca_d2  # noqa: F401
+
+            model, official_ns, _ = build_official_model(args.official_repo, "cpu", args.seed)
+            ckpt = os.path.join(tmp, "official.pth")
+            torch.save({"model": model.state_dict(), "args": official_ns, "epoch": 0}, ckpt)
+            del model
+            common["official_checkpoint"] = ckpt
+
+        print("single-scale R50: ours" + (" vs official" if args.official_repo else ""))
+        single = report["single_scale"] = {"inference": [], "train": [], "equal_outputs": {}}
+        # Outputs of every decoder layer: ours optimized for inference vs ours, and vs official.
+        for batch in (1, 2):
+            files = {}
+            for impl, extra in [("ours", {}), ("ours", {"optimize": True})] + (
+                [("official", {})] if args.official_repo else []
+            ):
+                name = impl + ("_optimized" if extra else "")
+                files[name] = os.path.join(tmp, f"out_{name}_{batch}.pt")
+                drv.run(impl=impl, task="outputs", size=args.sizes[0], batch=batch, save=files[name], **extra, **common)
+            pairs = [("ours_optimized", "ours")] + ([("ours", "official"), ("ours_optimized", "official")]
+                                                    if args.official_repo else [])
+            for a, b in pairs:
+                d = max_abs_diff(files[a], files[b])
+                d["pass"] = d["max_abs_logits"] <= args.tol and d["max_abs_boxes"] <= args.tol
+                single["equal_outputs"][f"{a} vs {b}, batch {batch}, {args.sizes[0][0]}x{args.sizes[0][1]}"] = d
+        for amp in precisions:
+            for size in args.sizes:
+                row = {"size": list(size), "amp": amp}
+                for impl in impls:
+                    row[impl] = drv.run(impl=impl, task="inference", size=size, amp=amp, **common)
+                row["ours_optimized"] = drv.run(impl="ours", task="inference", size=size, amp=amp,
+                                                optimize=True, **common)
+                single["inference"].append(row)
+            if "train" not in args.skip:
+                row = {"size": list(args.train_size), "batch": args.train_batch, "amp": amp}
+                for impl in impls:
+                    row[impl] = drv.run(impl=impl, task="train", size=args.train_size, amp=amp, **common)
+                if args.official_repo:
+                    a, b = row["ours"]["initial_loss_no_dropout"], row["official"]["initial_loss_no_dropout"]
+                    row["loss_rel_diff"] = abs(a - b) / max(abs(b), 1e-12)
+                    row["loss_equal"] = row["loss_rel_diff"] <= args.tol
+                single["train"].append(row)
+
+        if "profile" not in args.skip:
+            print("where the time goes (single-scale R50)")
+            report["profile"] = {
+                impl: drv.run(impl=impl, task="profile", size=args.train_size, **common) for impl in impls
+            }
+
+        others = [m for m in args.models if m != "smca_single_scale"]
+        if others:
+            print("other models (ours)")
+        report["other_models"] = []
+        for model in others:
+            for amp in precisions:
+                row = {"model": model, "amp": amp, "inference": {}, "train": None}
+                for size in args.sizes:
+                    row["inference"][f"{size[0]}x{size[1]}"] = drv.run(
+                        impl="ours", model=model, task="inference", size=size, amp=amp)
+                if "train" not in args.skip:
+                    row["train"] = drv.run(impl="ours", model=model, task="train", size=args.train_size, amp=amp)
+                report["other_models"].append(row)
+
+        if "scaling" not in args.skip:
+            print("scaling with image size and queries (single-scale, inference)")
+            report["scaling"] = {"sizes": [], "queries": []}
+            for size in args.scaling_sizes:
+                report["scaling"]["sizes"].append({"size": list(size), **{
+                    impl: drv.run(impl=impl, task="inference", size=size, model="smca_single_scale")["s_per_image"]
+                    for impl in impls}})
+            for q in args.scaling_queries:
+                report["scaling"]["queries"].append({"num_queries": q, **{
+                    impl: drv.run(impl=impl, task="inference", size=args.sizes[0], num_queries=q,
+                                  model="smca_single_scale")["s_per_image"]
+                    for impl in impls}})
+
+    print_report(report)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(report, f, indent=1)
+    png = os.path.splitext(args.output)[0] + ".png"
+    plot_report(report, png)
+    print(f"\nwrote {args.output} and {png}")
+    return report
+
+
+def _ratio(ours, official):
+    return f"{official / ours:.2f}x" if ours and official else "-"
+
+
+def print_report(r: dict) -> None:
+    env = r["environment"]
+    print(f"\n{env['date']}  {env['device']} ({env['processor']}, {env['cpu_count']} CPUs, "
+          f"{env['threads']} threads), torch {env['torch']}")
+    s = r["single_scale"]
+    for name, d in s["equal_outputs"].items():
+        print(f"outputs {name} (all decoder layers): max |diff| logits {d['max_abs_logits']:.2e}, "
+              f"boxes {d['max_abs_boxes']:.2e} -> {'EQUAL' if d['pass'] else 'DIFFERENT'}")
+    off = r["official"]
+    print("\nsingle-scale R50")
+    print("| task | size | precision | ours | " + ("official | speed-up | " if off else "")
+          + "peak mem ours (MiB) | " + ("peak mem official (MiB) |" if off else ""))
+    print("|---|---|---|---|" + ("---|---|" if off else "") + "---|" + ("---|" if off else ""))
+
+    def line(task, size, amp, o, f, key, unit):
+        cells = [task, f"{size[0]}x{size[1]}", "AMP" if amp else "fp32", f"{o[key]:.3f} {unit}"]
+        if f:
+            cells += [f"{f[key]:.3f} {unit}", _ratio(o[key], f[key])]
+        cells.append(f"{o.get('peak_mem_mib', float('nan')):.0f}")
+        if f:
+            cells.append(f"{f.get('peak_mem_mib', float('nan')):.0f}")
+        print("| " + " | ".join(cells) + " |")
+
+    for row in s["inference"]:
+        line("inference", row["size"], row["amp"], row["ours"], row.get("official"), "s_per_image", "s/img")
+        line("inference, optimized", row["size"], row["amp"], row["ours_optimized"], row.get("official"),
+             "s_per_image", "s/img")
+    for row in s["train"]:
+        line(f"train (batch {row['batch']})", row["size"], row["amp"], row["ours"], row.get("official"),
+             "s_per_iter", "s/iter")
+        if "loss_equal" in row:
+            print(f"  initial loss ours {row['ours']['initial_loss_no_dropout']:.6f} vs official "
+                  f"{row['official']['initial_loss_no_dropout']:.6f} (rel. diff {row['loss_rel_diff']:.1e})"
+                  f" -> {'EQUAL' if row['loss_equal'] else 'DIFFERENT'}")
+
+    if r.get("profile"):
+        print("\nwhere the time goes (seconds; inference: one image; train: one iteration)")
+        parts = ["backbone", "encoder", "decoder", "gaussian_prior", "matcher"]
+        print("| impl | inference total | " + " | ".join(parts) + " | backbone share | train fwd+loss | "
+              "train bwd+step | train backbone fwd | train matcher |")
+        print("|---" * (len(parts) + 7) + "|")
+        for impl, p in r["profile"].items():
+            ip, tp = p["inference_parts_s"], p["train_parts_s"]
+            share = ip.get("backbone", 0) / p["inference_total_s"]
+            cells = [impl, f"{p['inference_total_s']:.3f}"] + [
+                f"{ip[k]:.3f}" if k in ip else "n/a" for k in parts
+            ] + [f"{share:.0%}", f"{p['train_forward_and_loss_s']:.3f}", f"{p['train_backward_and_step_s']:.3f}",
+                 f"{tp.get('backbone', 0):.3f}", f"{tp.get('matcher', 0):.3f}"]
+            print("| " + " | ".join(cells) + " |")
+
+    if r.get("other_models"):
+        print("\nother models (ours)")
+        print("| model | precision | " + " | ".join(f"inference {k} (s/img)" for k in r["other_models"][0]["inference"])
+              + " | train (s/iter) | peak mem train (MiB) |")
+        print("|---" * (len(r["other_models"][0]["inference"]) + 4) + "|")
+        for row in r["other_models"]:
+            t = row["train"]
+            print(f"| {row['model']} | {'AMP' if row['amp'] else 'fp32'} | "
+                  + " | ".join(f"{v['s_per_image']:.3f}" for v in row["inference"].values())
+                  + f" | {t['s_per_iter']:.3f} | {t.get('peak_mem_mib', float('nan')):.0f} |" if t else " | - | - |")
+
+    if r.get("scaling"):
+        print("\ninference time (s/img) vs image size and number of queries (single-scale)")
+        impls = ["ours"] + (["official"] if off else [])
+        print("| image size | " + " | ".join(impls) + (" | speed-up |" if off else " |"))
+        print("|---" * (len(impls) + 1 + bool(off)) + "|")
+        for row in r["scaling"]["sizes"]:
+            print(f"| {row['size'][0]}x{row['size'][1]} | " + " | ".join(f"{row[i]:.3f}" for i in impls)
+                  + (f" | {_ratio(row['ours'], row['official'])} |" if off else " |"))
+        print("| queries | " + " | ".join(impls) + (" | speed-up |" if off else " |"))
+        print("|---" * (len(impls) + 1 + bool(off)) + "|")
+        for row in r["scaling"]["queries"]:
+            print(f"| {row['num_queries']} | " + " | ".join(f"{row[i]:.3f}" for i in impls)
+                  + (f" | {_ratio(row['ours'], row['official'])} |" if off else " |"))
+
+
+def plot_report(r: dict, path: str) -> None:
+    """PNG: single-scale times ours vs official; inference time vs image size and vs queries."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    impls = ["ours"] + (["official"] if r["official"] else [])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    s = r["single_scale"]
+    labels, values = [], {i: [] for i in impls + ["ours_optimized"]}
+    for row in s["inference"]:
+        labels.append(f"infer {row['size'][0]}x{row['size'][1]}" + (" AMP" if row["amp"] else ""))
+        for i in impls + ["ours_optimized"]:
+            values[i].append(row[i]["s_per_image"] if i in row else 0)
+    for row in s["train"]:
+        labels.append(f"train b{row['batch']}" + (" AMP" if row["amp"] else ""))
+        for i in impls:
+            values[i].append(row[i]["s_per_iter"])
+        values["ours_optimized"].append(0)
+    names = impls[:1] + ["ours_optimized"] + impls[1:]
+    width = 0.8 / len(names)
+    for k, name in enumerate(names):
+        xs = [x + (k - (len(names) - 1) / 2) * width for x in range(len(labels))]
+        axes[0].bar(xs, values[name], width, label=name)
+    axes[0].set_xticks(range(len(labels)))
+    axes[0].set_xticklabels(labels, rotation=15)
+    axes[0].set_ylabel("seconds")
+    axes[0].set_title("single-scale R50")
+    axes[0].legend()
+    sc = r.get("scaling")
+    if sc:
+        for i in impls:
+            axes[1].plot([row["size"][0] * row["size"][1] / 1e6 for row in sc["sizes"]],
+                         [row[i] for row in sc["sizes"]], marker="o", label=i)
+            axes[2].plot([row["num_queries"] for row in sc["queries"]], [row[i] for row in sc["queries"]],
+                         marker="o", label=i)
+        axes[1].set_xlabel("image megapixels")
+        axes[1].set_title("inference vs image size")
+        axes[2].set_xlabel("queries")
+        axes[2].set_title("inference vs number of queries")
+        for ax in axes[1:]:
+            ax.set_ylabel("s / image")
+            ax.grid(alpha=0.3)
+            ax.legend()
+    env = r["environment"]
+    fig.suptitle(f"{env['device']} ({env['cpu_count']} CPUs, {env['threads']} threads), torch {env['torch']}, {env['date'][:10]}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
