@@ -22,7 +22,8 @@ belongs to one model and one task):
    matcher, backward + optimizer step, and what share of inference is the backbone (the limit
    of any speed-up of the rest);
    Ours is also run after :func:`smca_d2.modeling.fusion.optimize_for_inference` (frozen batch
-   norms folded into the convolutions, channels-last backbone on the CPU; "optimized");
+   norms folded into the convolutions, channels-last backbone on the CPU; "optimized"), and
+   trained with ``model.channels_last=True``;
 3. our multi-scale SMCA and DETR baseline (inference and training);
 4. how inference time grows with the image size and the number of queries (ours and official).
 
@@ -142,6 +143,8 @@ class _Impl:
             cfg.model.num_classes = NUM_CLASS_COLUMNS
             if spec.get("num_queries"):
                 cfg.model.num_queries = spec["num_queries"]
+            if spec.get("channels_last"):
+                cfg.model.channels_last = True
             self.model = instantiate(cfg.model).to(self.device).eval()
             if spec.get("official_checkpoint"):
                 from smca_d2.checkpoint import convert_official_state_dict, load_official_checkpoint
@@ -362,7 +365,7 @@ def run_worker(spec) -> dict:
         with torch.no_grad():
             result["initial_loss_no_dropout"] = float(impl.loss())
         transformer.train()
-        times = _timed_runs(impl.train_step, spec["warmup"], spec["repeats"], device)
+        times = _timed_runs(impl.train_step, spec["train_warmup"], spec["repeats"], device)
         result["s_per_iter"] = statistics.median(times)
         result["times"] = times
     elif task == "profile":
@@ -432,6 +435,8 @@ def parse_args(argv=None):
     add("--train-size", type=parse_size, default=(800, 1066), metavar="HxW")
     add("--train-batch", type=int, default=2)
     add("--warmup", type=int, default=1)
+    add("--train-warmup", type=int, default=2,
+        help="untimed training iterations first (the allocator's pools grow during the first ones)")
     add("--repeats", type=int, default=3)
     add("--scaling-sizes", type=parse_size, nargs="*",
         default=[(480, 640), (640, 853), (800, 1066), (1024, 1365)], metavar="HxW")
@@ -460,6 +465,7 @@ class Driver:
         """Run one task in a fresh process; returns its result dict."""
         a = self.args
         spec = {"device": a.device, "threads": a.threads, "warmup": a.warmup, "repeats": a.repeats,
+                "train_warmup": a.train_warmup,
                 "seed": a.seed, "official_repo": a.official_repo, "batch": a.train_batch, **spec}
         self.n += 1
         spec_file = os.path.join(self.tmp, f"spec{self.n}.json")
@@ -468,7 +474,7 @@ class Driver:
             json.dump({**spec, "result_file": out_file}, f)
         desc = f"{spec['impl']:8s} {spec.get('model', 'smca_single_scale'):17s} {spec['task']:9s} " \
                f"{spec['size'][0]}x{spec['size'][1]}" + (f" q{spec['num_queries']}" if spec.get("num_queries") else "") \
-               + (" amp" if spec.get("amp") else "") + (" optimized" if spec.get("optimize") else "")
+               + (" amp" if spec.get("amp") else "") + (" optimized" if spec.get("optimize") else "") + (" channels-last" if spec.get("channels_last") else "")
         print(f"  {desc} ...", end="", flush=True)
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", spec_file],
@@ -573,6 +579,8 @@ def main(argv=None) -> dict:
                 row = {"size": list(args.train_size), "batch": args.train_batch, "amp": amp}
                 for impl in impls:
                     row[impl] = drv.run(impl=impl, task="train", size=args.train_size, amp=amp, **common)
+                row["ours_channels_last"] = drv.run(impl="ours", task="train", size=args.train_size, amp=amp,
+                                                    channels_last=True, **common)
                 if args.official_repo:
                     a, b = row["ours"]["initial_loss_no_dropout"], row["official"]["initial_loss_no_dropout"]
                     row["loss_rel_diff"] = abs(a - b) / max(abs(b), 1e-12)
@@ -656,6 +664,9 @@ def print_report(r: dict) -> None:
     for row in s["train"]:
         line(f"train (batch {row['batch']})", row["size"], row["amp"], row["ours"], row.get("official"),
              "s_per_iter", "s/iter")
+        if "ours_channels_last" in row:
+            line(f"train (batch {row['batch']}), channels-last", row["size"], row["amp"],
+                 row["ours_channels_last"], row.get("official"), "s_per_iter", "s/iter")
         if "loss_equal" in row:
             print(f"  initial loss ours {row['ours']['initial_loss_no_dropout']:.6f} vs official "
                   f"{row['official']['initial_loss_no_dropout']:.6f} (rel. diff {row['loss_rel_diff']:.1e})"
@@ -721,12 +732,13 @@ def plot_report(r: dict, path: str) -> None:
         labels.append(f"train b{row['batch']}" + (" AMP" if row["amp"] else ""))
         for i in impls:
             values[i].append(row[i]["s_per_iter"])
-        values["ours_optimized"].append(0)
+        values["ours_optimized"].append(row.get("ours_channels_last", {}).get("s_per_iter", 0))
     names = impls[:1] + ["ours_optimized"] + impls[1:]
     width = 0.8 / len(names)
     for k, name in enumerate(names):
         xs = [x + (k - (len(names) - 1) / 2) * width for x in range(len(labels))]
-        axes[0].bar(xs, values[name], width, label=name)
+        label = "ours optimized (inference) / channels-last (train)" if name == "ours_optimized" else name
+        axes[0].bar(xs, values[name], width, label=label)
     axes[0].set_xticks(range(len(labels)))
     axes[0].set_xticklabels(labels, rotation=15)
     axes[0].set_ylabel("seconds")
