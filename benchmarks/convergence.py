@@ -88,6 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not os.path.isfile(config):
             parser.error(f"--config {spec!r}: no such file {config!r}")
         runs[(dataset, model)] = os.path.abspath(config)
+    args.all_runs = OrderedDict(runs)  # reported (when on disk) even if not trained now
     if args.models is not None:
         unknown = set(args.models) - {m for _, m in runs}
         if unknown:
@@ -224,11 +225,12 @@ def print_table(summary: Dict[str, dict]) -> None:
             reach = m.get("iters_to_baseline_final_AP")
             frac = m.get("fraction_of_baseline_iters")
             ratio = m.get("final_AP_ratio_to_baseline")
+            compared = model != BASELINE and "iters_to_baseline_final_AP" in m
             rows.append((
                 dataset, model, str(m["iters"][-1]), f"{m['AP_mean'][-1]:.2f}",
                 f"{m['AP50_final_mean']:.2f}",
-                "-" if model == BASELINE else ("n/a" if ratio is None else f"{ratio:.2f}"),
-                "-" if model == BASELINE else (
+                "-" if not compared else ("n/a" if ratio is None else f"{ratio:.2f}"),
+                "-" if not compared else (
                     "not reached" if reach is None else f"{reach} ({frac:.2f} of baseline's)"),
                 f"{m['sec_per_iter']:.3f}",
             ))
@@ -287,7 +289,8 @@ def main(argv=None) -> dict:
 
     os.makedirs(args.output, exist_ok=True)
     results = []
-    for (dataset, model), config in args.runs.items():
+    for (dataset, model), config in args.all_runs.items():
+        train_now = (dataset, model) in args.runs and not args.plot_only
         for seed in args.seeds:
             out_dir = os.path.abspath(os.path.join(args.output, dataset, model, f"seed{seed}"))
             metrics = os.path.join(out_dir, "metrics.json")
@@ -295,12 +298,13 @@ def main(argv=None) -> dict:
             evaluations, last_iter, _ = read_curve(metrics, max_iter)
             done = bool(evaluations) and evaluations[-1]["iter"] == max_iter
             wall = None
-            if not args.plot_only and (args.force or not done):
+            if train_now and (args.force or not done):
                 ensure_dataset(dataset)
                 wall = run_one(config, out_dir, seed, args)
             evaluations, last_iter, sec_per_iter = read_curve(metrics, max_iter)
             if not evaluations:
-                print(f"warning: no evaluation in {metrics}; skipped", file=sys.stderr)
+                if train_now:
+                    print(f"warning: no evaluation in {metrics}; skipped", file=sys.stderr)
                 continue
             results.append({
                 "dataset": dataset, "model": model, "seed": seed,

@@ -119,7 +119,9 @@ def test_convergence_end_to_end(tmp_path):
     again = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "train_net.py" not in again.stdout  # nothing retrained
-    assert json.loads((out / "convergence.json").read_text())["runs"] == report["runs"]
+    rerun = json.loads((out / "convergence.json").read_text())["runs"]
+    assert [r["evaluations"] for r in rerun] == [r["evaluations"] for r in report["runs"]]
+    assert all(r["wall_s"] is None for r in rerun)  # read back, not trained
 
 
 def test_speed_arguments(speed):
