@@ -529,7 +529,9 @@ def main(argv=None) -> dict:
             "torch": torch.__version__,
             "threads": args.threads or torch.get_num_threads(),
         },
-        "settings": {k: v for k, v in vars(args).items() if k != "worker"},
+        # (the official checkout's folder name only: no machine paths in results people share)
+        "settings": {k: (os.path.basename(os.path.normpath(v)) if k == "official_repo" and v else v)
+                     for k, v in vars(args).items() if k not in ("worker", "replot")},
         "official": bool(args.official_repo),
     }
     impls = ["ours"] + (["official"] if args.official_repo else [])

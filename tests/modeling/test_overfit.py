@@ -43,7 +43,7 @@ def box_ap(gt_boxes, gt_classes, inst):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("modulate", [True])
+@pytest.mark.parametrize("modulate", [True, False])  # SMCA and the DETR-style baseline
 def test_tiny_smca_overfits_one_image(modulate):
     torch.manual_seed(0)
     image, objects = render_image(128, 128, np.random.default_rng(3))
