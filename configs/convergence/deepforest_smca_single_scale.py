@@ -23,7 +23,7 @@ dataloader.train.total_batch_size = 4
 model.num_classes = 1
 model.num_queries = 100
 
-train.max_iter = 600
+train.max_iter = 1000
 train.eval_period = 100
 train.checkpointer.period = train.max_iter
 train.output_dir = "output/convergence/deepforest/smca_single_scale"

@@ -7,18 +7,22 @@ from smca_d2.modeling import MultiScaleEncoder
 from .smca_single_scale import model as _single_scale_model
 
 
-def make_multi_scale(model, in_features=("res4", "res5"), num_extra_levels=1):
+PAPER_BLOCKS = ["intra", "intra", "multi", "intra", "intra"]
+
+
+def make_multi_scale(model, in_features=("res4", "res5"), num_extra_levels=1, block_types=PAPER_BLOCKS):
     """Turn a single-scale SMCA model config into the paper's multi-scale model (in place).
 
     Config files of other single-scale models (e.g. a small backbone) call this too, so the
-    multi-scale recipe is written once.
+    multi-scale recipe is written once. ``block_types`` is the encoder's intra/multi-scale block
+    order (the paper's five blocks by default).
     """
     model.backbone.out_features = list(in_features)
     model.in_features = list(in_features)
     model.num_extra_levels = num_extra_levels
     model.transformer.decoder.num_levels = len(in_features) + num_extra_levels
     model.transformer.encoder = L(MultiScaleEncoder)(
-        block_types=["intra", "intra", "multi", "intra", "intra"],
+        block_types=list(block_types),
         d_model="${..decoder.d_model}",
         nhead="${..decoder.nhead}",
         dim_feedforward="${..decoder.dim_feedforward}",
