@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 
@@ -8,6 +9,18 @@ from PIL import Image
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import smca_d2  # noqa: E402,F401  (applies the detectron2 compatibility fixes first)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(relative_path):
+    """Import a script of the repository (e.g. ``tools/benchmark.py``) as a module."""
+    name = "smca_d2_script_" + relative_path.replace("/", "_").replace(".py", "")
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, relative_path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_tiny_coco(root, num_images=4, size=(64, 80), num_classes=2, seed=0):

@@ -1,5 +1,4 @@
 """benchmarks/convergence.py and benchmarks/speed.py: parsing, summaries, and small end-to-end runs."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -7,14 +6,13 @@ import sys
 
 import pytest
 
+from conftest import load_script
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(f"smca_d2_bench_{name}", os.path.join(REPO, "benchmarks", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"benchmarks/{name}.py")
 
 
 @pytest.fixture(scope="module")

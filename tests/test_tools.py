@@ -1,7 +1,6 @@
 """tools/analyze_model.py on every config; tools/convert_torchvision_resnet.py on a torchvision R50."""
 import contextlib
 import glob
-import importlib.util
 import io
 import json
 import os
@@ -14,6 +13,7 @@ from torch import nn
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 
+from conftest import load_script
 from smca_d2.checkpoint import convert_torchvision_resnet
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,10 +35,7 @@ TRAINABLE = {
 
 
 def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"smca_d2_tool_{name}", os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(f"tools/{name}.py")
 
 
 @pytest.fixture(scope="module")

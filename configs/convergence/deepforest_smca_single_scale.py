@@ -3,12 +3,11 @@
 # held-out image. Same small from-scratch model as the shapes benchmark with more queries; images
 # are resized to 256 px (crowns ~25 px) to fit the CPU budget. The multi-scale and baseline
 # configs next to this file differ only in the model.
-from fvcore.common.param_scheduler import MultiStepParamScheduler
-
 from detectron2.config import LazyCall as L
 from detectron2.data import transforms as T
 
-from ..demo.smca_r18_synthetic import dataloader, model, optimizer, train
+# The shapes benchmark's model, optimizer and schedule (1000 iterations, evaluation every 100).
+from .synthetic_smca_single_scale import dataloader, lr_multiplier, model, optimizer, train
 
 dataloader.train.dataset.names = "smca_deepforest_train"
 dataloader.test.dataset.names = "smca_deepforest_val"
@@ -23,10 +22,4 @@ dataloader.train.total_batch_size = 4
 model.num_classes = 1
 model.num_queries = 100
 
-train.max_iter = 1000
-train.eval_period = 100
-train.checkpointer.period = train.max_iter
 train.output_dir = "output/convergence/deepforest/smca_single_scale"
-lr_multiplier = L(MultiStepParamScheduler)(
-    values=[1.0, 0.1], milestones=[train.max_iter * 4 // 5], num_updates=train.max_iter
-)
