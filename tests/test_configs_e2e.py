@@ -10,7 +10,11 @@ from detectron2.config import LazyConfig, instantiate
 
 from test_train_net import REPO, run_train_net
 
-CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")) + glob.glob(os.path.join(REPO, "configs", "demo", "*.py")))
+CONFIGS = sorted(
+    glob.glob(os.path.join(REPO, "configs", "*.py"))
+    + glob.glob(os.path.join(REPO, "configs", "demo", "*.py"))
+    + glob.glob(os.path.join(REPO, "configs", "convergence", "*.py"))
+)
 IDS = [os.path.relpath(p, os.path.join(REPO, "configs")) for p in CONFIGS]
 
 # Tiny images, a narrow transformer and the generated dataset instead of COCO.
