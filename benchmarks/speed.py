@@ -31,10 +31,8 @@ Prints tables and writes JSON (``--output``) and a PNG next to it; ``--replot JS
 both from an earlier run.
 """
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -42,7 +40,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -231,9 +229,12 @@ class _Impl:
             return sum(self.model(self.inputs).values())
 
     def train_step(self):
+        return self.step(self.loss())
+
+    def step(self, loss) -> float:
+        """Backward, gradient clipping and the optimizer step for ``loss``; returns its value."""
         import torch
 
-        loss = self.loss()
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -288,12 +289,7 @@ def _timing_hooks(impl: _Impl, totals: Dict[str, float]):
 
         handles.append(module.register_forward_pre_hook(pre))
         handles.append(module.register_forward_hook(post))
-    patched = None
-    if impl.spec["impl"] == "ours":
-        import smca_d2.modeling.decoder as decoder_module
-
-        original = decoder_module.gaussian_log_weights
-
+    def timing(original):
         def timed(*a, **k):
             _sync(device)
             t0 = time.perf_counter()
@@ -302,14 +298,19 @@ def _timing_hooks(impl: _Impl, totals: Dict[str, float]):
             totals["gaussian_prior"] = totals.get("gaussian_prior", 0.0) + time.perf_counter() - t0
             return out
 
-        decoder_module.gaussian_log_weights, patched = timed, (decoder_module, original)
+        return timed
+
     try:
-        yield
+        if impl.spec["impl"] == "ours":
+            from smca_d2.inference.gaussian_maps import wrapped_gaussian_log_weights
+
+            with wrapped_gaussian_log_weights(timing):
+                yield
+        else:
+            yield
     finally:
         for h in handles:
             h.remove()
-        if patched:
-            patched[0].gaussian_log_weights = patched[1]
 
 
 def _timed_runs(fn, warmup, repeats, device):
@@ -393,11 +394,7 @@ def run_worker(spec) -> dict:
                 loss = impl.loss()
                 _sync(device)
                 t1 = time.perf_counter()
-            impl.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if impl.spec["impl"] == "official":
-                torch.nn.utils.clip_grad_norm_(impl.model.parameters(), impl.args.clip_max_norm)
-            impl.optimizer.step()
+            impl.step(loss)
             _sync(device)
             fwd.append(t1 - t0)
             bwd.append(time.perf_counter() - t1)
@@ -519,16 +516,10 @@ def main(argv=None) -> dict:
 
     import torch
 
+    from smca_d2.benchmarking import environment, write_json
+
     report: dict = {
-        "environment": {
-            "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "machine": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
-            "torch": torch.__version__,
-            "threads": args.threads or torch.get_num_threads(),
-        },
+        "environment": environment(args.device, args.threads),
         # (the official checkout's folder name only: no machine paths in results people share)
         "settings": {k: (os.path.basename(os.path.normpath(v)) if k == "official_repo" and v else v)
                      for k, v in vars(args).items() if k not in ("worker", "replot")},
@@ -623,9 +614,7 @@ def main(argv=None) -> dict:
                     for impl in impls}})
 
     print_report(report)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(args.output, report)
     png = os.path.splitext(args.output)[0] + ".png"
     plot_report(report, png)
     print(f"\nwrote {args.output} and {png}")

@@ -42,7 +42,15 @@ import torch.nn.functional as F
 
 from smca_d2.modeling import decoder as decoder_module
 
-__all__ = ["LayerCapture", "SMCAMaps", "capture_decoder_layer", "cells_to_image", "compute_smca_maps", "save_smca_maps"]
+__all__ = [
+    "LayerCapture",
+    "SMCAMaps",
+    "capture_decoder_layer",
+    "cells_to_image",
+    "compute_smca_maps",
+    "save_smca_maps",
+    "wrapped_gaussian_log_weights",
+]
 
 
 @dataclass
@@ -95,6 +103,22 @@ def attention_probabilities(attn, query, key, biases, level_sizes) -> List[torch
 
 
 @contextlib.contextmanager
+def wrapped_gaussian_log_weights(wrap):
+    """Within the context, the decoder builds its Gaussian priors with ``wrap(original)``.
+
+    ``original`` is :func:`smca_d2.modeling.attention.gaussian_log_weights`; ``wrap`` returns a
+    function with its signature (e.g. one that records or times the calls). The name the decoder
+    module calls is replaced for the duration of the context, then restored.
+    """
+    original = decoder_module.gaussian_log_weights
+    decoder_module.gaussian_log_weights = wrap(original)
+    try:
+        yield
+    finally:
+        decoder_module.gaussian_log_weights = original
+
+
+@contextlib.contextmanager
 def capture_decoder_layer(model, layer_index: int = -1):
     """Record the Gaussian maps and co-attention of one decoder layer during forward passes.
 
@@ -108,20 +132,22 @@ def capture_decoder_layer(model, layer_index: int = -1):
     layer = model.transformer.decoder.layers[layer_index]
     capture = LayerCapture()
     state = {"inside": False}
-    original = decoder_module.gaussian_log_weights
 
-    def recording_gaussian_log_weights(centers, scales, feature_shape, beta, key_padding_mask=None):
-        out = original(centers, scales, feature_shape, beta, key_padding_mask)
-        if state["inside"]:
-            capture.gaussian_calls.append(
-                {
-                    "centers": centers.detach().float(),
-                    "scales": None if scales is None else scales.detach().float(),
-                    "feature_shape": tuple(int(s) for s in feature_shape),
-                    "log_weights": out.detach(),
-                }
-            )
-        return out
+    def recording(original):
+        def recording_gaussian_log_weights(centers, scales, feature_shape, beta, key_padding_mask=None):
+            out = original(centers, scales, feature_shape, beta, key_padding_mask)
+            if state["inside"]:
+                capture.gaussian_calls.append(
+                    {
+                        "centers": centers.detach().float(),
+                        "scales": None if scales is None else scales.detach().float(),
+                        "feature_shape": tuple(int(s) for s in feature_shape),
+                        "log_weights": out.detach(),
+                    }
+                )
+            return out
+
+        return recording_gaussian_log_weights
 
     def layer_pre_hook(module, args, kwargs):
         state["inside"] = True
@@ -152,11 +178,10 @@ def capture_decoder_layer(model, layer_index: int = -1):
         layer.register_forward_hook(layer_hook, with_kwargs=True),
         layer.multihead_attn.register_forward_hook(attention_hook, with_kwargs=True),
     ]
-    decoder_module.gaussian_log_weights = recording_gaussian_log_weights
     try:
-        yield capture
+        with wrapped_gaussian_log_weights(recording):
+            yield capture
     finally:
-        decoder_module.gaussian_log_weights = original
         for handle in handles:
             handle.remove()
 
