@@ -26,10 +26,8 @@ A run whose ``metrics.json`` already holds the final evaluation is not trained a
 retrains it), so an interrupted benchmark continues where it stopped.
 """
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -139,7 +137,9 @@ def read_curve(
 
 def ensure_dataset(dataset: str) -> None:
     """Make the generated / deepforest datasets on first use (the registered paths)."""
-    root = os.path.expanduser(os.environ.get("DETECTRON2_DATASETS", os.path.join(ROOT, "datasets")))
+    from smca_d2.data.datasets import datasets_root
+
+    root = os.path.join(ROOT, datasets_root())  # as train_net.py, which runs in ROOT, sees it
     if dataset == "synthetic" and not os.path.isfile(os.path.join(root, "synthetic/annotations/val.json")):
         from smca_d2.data.synthetic import make_synthetic_coco
 
@@ -268,20 +268,6 @@ def plot(summary: Dict[str, dict], path: str) -> None:
     plt.close(fig)
 
 
-def environment() -> dict:
-    import torch
-
-    return {
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     sys.path.insert(0, ROOT)
@@ -316,11 +302,15 @@ def main(argv=None) -> dict:
             print(f"{dataset}/{model}/seed{seed}: AP {final['AP']:.2f} AP50 {final['AP50']:.2f} "
                   f"at iter {final['iter']}" + (f" ({wall / 60:.1f} min)" if wall else ""), flush=True)
 
+    import torch
+
+    from smca_d2.benchmarking import environment, write_json
+
     summary = summarize(results)
-    report = {"environment": environment(), "runs": results, "summary": summary}
+    env = environment("cuda" if torch.cuda.is_available() else "cpu")
+    report = {"environment": env, "runs": results, "summary": summary}
     json_path = os.path.join(args.output, "convergence.json")
-    with open(json_path, "w") as f:
-        json.dump(report, f, indent=1)
+    write_json(json_path, report)
     png_path = os.path.join(args.output, "convergence.png")
     plot(summary, png_path)
     print()

@@ -8,7 +8,6 @@ Random weights (the time does not depend on them); one image per forward; the fi
 ``--warmup`` runs are not timed. Prints a table and writes JSON.
 """
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -18,6 +17,8 @@ import torch
 
 import smca_d2  # noqa: F401
 from detectron2.config import LazyConfig, instantiate
+
+from smca_d2.benchmarking import write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIGS = [
@@ -80,9 +81,7 @@ def main():
         "threads": torch.get_num_threads(),
         "results": rows,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(args.output, result)
     print(f"wrote {args.output}")
 
 

@@ -11,7 +11,6 @@ is set, random ones otherwise (speed does not depend on them).
 """
 import argparse
 import itertools
-import json
 import os
 import platform
 import sys
@@ -27,6 +26,7 @@ import smca_d2  # noqa: E402,F401
 from detectron2.config import instantiate  # noqa: E402
 
 from smca_d2.checkpoint import SafeCheckpointer  # noqa: E402
+from smca_d2.benchmarking import write_json  # noqa: E402
 from smca_d2.engine import load_config  # noqa: E402
 
 
@@ -126,9 +126,7 @@ def main():
         "iters": args.iters,
         "results": results,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(record, f, indent=2)
+    write_json(args.output, record)
     print(f"wrote {args.output}")
 
 
