@@ -1,4 +1,13 @@
-"""Inference-time speed-ups that keep a model's outputs (to float rounding).
+"""Speed-ups that keep a model's outputs (to float rounding).
+
+* :func:`fuse_frozen_batchnorm` (training and inference) makes each Detectron2 ``Conv2d`` whose
+  ``norm`` is a ``FrozenBatchNorm2d`` apply that affine map to its *weights* (``C_out`` numbers)
+  instead of to its output (a full activation): ``conv(x, W * s, b * s + t)`` rather than
+  ``conv(x, W, b) * s + t``. Parameters, buffers and checkpoints are unchanged and ``W`` is still
+  what is trained (the gradient flows through ``W * s``); forward and backward each skip one pass
+  over every backbone activation. :class:`SMCADETR` applies it to its backbone by default.
+
+Inference only:
 
 * :func:`fold_frozen_batchnorm` folds every frozen batch norm (``FrozenBatchNorm2d``, or a
   ``BatchNorm2d`` used with its running statistics) that follows a Detectron2 ``Conv2d`` (its
@@ -12,9 +21,48 @@ the folded weights are different tensors (a checkpoint written afterwards no lon
 ``norm`` entries), and training a folded model would train ``w * s`` instead of ``w``.
 """
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["fold_frozen_batchnorm", "optimize_for_inference"]
+from detectron2.layers import Conv2d, FrozenBatchNorm2d
+
+__all__ = ["FrozenBNConv2d", "fold_frozen_batchnorm", "fuse_frozen_batchnorm", "optimize_for_inference"]
+
+
+class FrozenBNConv2d(Conv2d):
+    """A Detectron2 ``Conv2d`` that applies its ``FrozenBatchNorm2d`` to its weight and bias.
+
+    Same parameters, buffers and state-dict keys as ``Conv2d``; same outputs to float rounding.
+    With any other ``norm`` (or none, e.g. after :func:`fold_frozen_batchnorm`) it is a ``Conv2d``.
+    """
+
+    def forward(self, x):
+        norm = self.norm
+        if not isinstance(norm, FrozenBatchNorm2d):
+            return super().forward(x)
+        scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
+        shift = norm.bias - norm.running_mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias * scale
+        weight = self.weight * scale.reshape(-1, 1, 1, 1)
+        x = F.conv2d(x, weight, shift, self.stride, self.padding, self.dilation, self.groups)
+        if self.activation is not None:
+            x = self.activation(x)
+        return x
+
+
+def fuse_frozen_batchnorm(module: nn.Module) -> int:
+    """Turn every Detectron2 ``Conv2d`` in ``module`` whose ``norm`` is a ``FrozenBatchNorm2d``
+    into a :class:`FrozenBNConv2d` (in place, nothing copied); returns how many.
+
+    Unlike :func:`fold_frozen_batchnorm` this is for training too: the weights stay as they are.
+    """
+    fused = 0
+    for conv in module.modules():
+        if type(conv) is Conv2d and isinstance(conv.norm, FrozenBatchNorm2d):
+            conv.__class__ = FrozenBNConv2d
+            fused += 1
+    return fused
 
 
 @torch.no_grad()
@@ -26,8 +74,6 @@ def fold_frozen_batchnorm(module: nn.Module) -> int:
     ``y = (conv(x) - mean) / sqrt(var + eps) * gamma + beta`` becomes ``conv'(x)`` with
     ``W' = W * s`` and ``b' = (b - mean) * s + beta`` where ``s = gamma / sqrt(var + eps)``.
     """
-    from detectron2.layers import Conv2d, FrozenBatchNorm2d
-
     folded = 0
     for conv in module.modules():
         norm = getattr(conv, "norm", None)

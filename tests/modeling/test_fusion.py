@@ -1,4 +1,4 @@
-"""fold_frozen_batchnorm / optimize_for_inference keep the outputs."""
+"""fuse_frozen_batchnorm / fold_frozen_batchnorm / optimize_for_inference keep the outputs."""
 import copy
 
 import torch
@@ -6,15 +6,21 @@ import torch
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling.backbone import BasicStem, ResNet
 
-from smca_d2.modeling.fusion import fold_frozen_batchnorm, optimize_for_inference
+from smca_d2.modeling.fusion import (
+    FrozenBNConv2d,
+    fold_frozen_batchnorm,
+    fuse_frozen_batchnorm,
+    optimize_for_inference,
+)
 
 
-def _resnet(depth=18):
+def _resnet(depth=18, freeze_at=0):
     torch.manual_seed(0)
     model = ResNet(
         BasicStem(in_channels=3, out_channels=64, norm="FrozenBN"),
         ResNet.make_default_stages(depth, norm="FrozenBN"),
         out_features=["res4", "res5"],
+        freeze_at=freeze_at,
     ).eval()
     gen = torch.Generator().manual_seed(1)
     for m in model.modules():  # non-trivial statistics, or folding would be an identity
@@ -40,6 +46,53 @@ def test_fold_frozen_batchnorm_keeps_outputs():
     for k in ref:
         assert torch.allclose(out[k], ref[k], rtol=1e-4, atol=1e-4 * ref[k].abs().max()), k
     assert fold_frozen_batchnorm(folded) == 0  # idempotent
+
+
+def test_fuse_frozen_batchnorm_keeps_outputs_gradients_and_checkpoints():
+    model = _resnet(freeze_at=2)  # the stem and res2 frozen, as in the R50 configs
+    fused = copy.deepcopy(model)
+    assert fuse_frozen_batchnorm(fused) == 1 + 8 * 2 + 3
+    assert fuse_frozen_batchnorm(fused) == 0  # idempotent
+    assert isinstance(fused.res3[0].conv1, FrozenBNConv2d)
+    assert fused.state_dict().keys() == model.state_dict().keys()
+    for k, v in model.state_dict().items():
+        assert torch.equal(fused.state_dict()[k], v), k
+    x = torch.randn(2, 3, 64, 96)
+    ref, out = model(x), fused(x)
+    for k in ref:
+        assert torch.allclose(out[k], ref[k], rtol=1e-4, atol=1e-4 * float(ref[k].abs().max())), k
+    # Gradients: the same function of the same parameters (float64, or rounding would dominate).
+    model64, fused64 = copy.deepcopy(model).double(), copy.deepcopy(fused).double()
+    for m in (model64, fused64):
+        sum(o.square().mean() for o in m(x.double()).values()).backward()
+    params = dict(model64.named_parameters())
+    trained = [(n, p) for n, p in fused64.named_parameters() if p.requires_grad]
+    assert trained and all(not p.requires_grad for n, p in fused64.named_parameters() if n.startswith(("stem", "res2")))
+    for name, p in trained:  # the convolution weights themselves are what is trained
+        assert torch.allclose(p.grad, params[name].grad, rtol=1e-9, atol=1e-12), name
+    # Inference folding afterwards: the convolutions become plain ones with folded weights.
+    fused.eval()
+    assert fold_frozen_batchnorm(fused) == 1 + 8 * 2 + 3
+    with torch.no_grad():
+        folded = fused(x)
+    for k in ref:
+        assert torch.allclose(folded[k], ref[k].detach(), rtol=1e-4, atol=1e-4 * float(ref[k].abs().max())), k
+
+
+def test_models_fuse_their_frozen_batchnorms_by_default():
+    import os
+
+    from detectron2.config import LazyCall as L
+    from detectron2.config import LazyConfig, instantiate
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cfg = LazyConfig.load(os.path.join(repo, "configs", "smca_single_scale_r50_50ep.py")).model
+    # R18 with the R50 config's frozen batch norms (quicker to build).
+    cfg.backbone.stages = L(ResNet.make_default_stages)(depth=18, norm="FrozenBN")
+    model = instantiate(cfg)
+    assert sum(isinstance(m, FrozenBNConv2d) for m in model.backbone.modules()) == 1 + 8 * 2 + 3
+    cfg.fuse_frozen_bn = False
+    assert not any(isinstance(m, FrozenBNConv2d) for m in instantiate(cfg).modules())
 
 
 def test_optimize_for_inference_channels_last():
