@@ -28,6 +28,7 @@ import smca_d2  # noqa: E402,F401  (compatibility fixes, registrations)
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
+from smca_d2.engine import keep_freed_cpu_memory  # noqa: E402
 from smca_d2.inference import LazyPredictor  # noqa: E402
 from smca_d2.inference.demo import (  # noqa: E402
     collect_inputs,
@@ -109,6 +110,8 @@ def main(argv=None) -> int:
         return 2
     predictor = LazyPredictor(args.config_file, device=args.device, overrides=args.opts)
     logger.info("checkpoint: %s", predictor.checkpoint or "(none: random weights)")
+    if predictor.device.type == "cpu":
+        keep_freed_cpu_memory()  # one image's buffers reused by the next (no page faults)
     if args.input:
         run_images(predictor, args, logger)
     else:

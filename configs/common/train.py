@@ -9,5 +9,8 @@ train = dict(
     eval_period=5000,
     log_period=20,
     device="cuda",
+    # On the CPU: glibc malloc keeps freed memory for the next iteration instead of unmapping it
+    # (no page faults in steady state; smca_d2/engine/memory.py).
+    keep_freed_cpu_memory=True,
     seed=-1,
 )

@@ -7,6 +7,7 @@ from .config import (
     load_config,
     prepare_config,
 )
+from .memory import keep_freed_cpu_memory
 from .hooks import DeterministicSteps, NonFiniteLossCheck, NonFiniteLossError
 from .resumable import ResumableTrainLoader, build_resumable_train_loader
 
@@ -21,6 +22,7 @@ __all__ = [
     "check_device",
     "check_num_classes",
     "check_override_keys",
+    "keep_freed_cpu_memory",
     "load_config",
     "prepare_config",
 ]
