@@ -24,6 +24,9 @@ belongs to one model and one task):
    Ours is also run after :func:`smca_d2.modeling.fusion.optimize_for_inference` (frozen batch
    norms folded into the convolutions, channels-last backbone on the CPU; "optimized"), and
    trained with ``model.channels_last=True``;
+   On the CPU ours runs with :func:`smca_d2.engine.keep_freed_cpu_memory` as train_net.py and
+   demo/demo.py do, the official code as its main.py runs (glibc defaults) and once more with the
+   same malloc setting as ours ("official, same malloc"): the code-only comparison;
 3. our multi-scale SMCA and DETR baseline (inference and training);
 4. how inference time grows with the image size and the number of queries (ours and official).
 
@@ -342,6 +345,10 @@ def run_worker(spec) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base_mem = torch.cuda.memory_allocated()
+    if spec.get("keep_freed_memory") and device == "cpu":
+        from smca_d2.engine import keep_freed_cpu_memory
+
+        result["keep_freed_memory"] = keep_freed_cpu_memory()
     rss_before = _rss_kib("VmRSS")
     peak_reset = _reset_peak_rss()
 
@@ -432,8 +439,9 @@ def parse_args(argv=None):
     add("--train-size", type=parse_size, default=(800, 1066), metavar="HxW")
     add("--train-batch", type=int, default=2)
     add("--warmup", type=int, default=1)
-    add("--train-warmup", type=int, default=2,
-        help="untimed training iterations first (the allocator's pools grow during the first ones)")
+    add("--train-warmup", type=int, default=4,
+        help="untimed training iterations first (until malloc's heap has grown to a step's peak; "
+             "with glibc defaults the official code needs about 4)")
     add("--repeats", type=int, default=3)
     add("--scaling-sizes", type=parse_size, nargs="*",
         default=[(480, 640), (640, 853), (800, 1066), (1024, 1365)], metavar="HxW")
@@ -463,7 +471,9 @@ class Driver:
         a = self.args
         spec = {"device": a.device, "threads": a.threads, "warmup": a.warmup, "repeats": a.repeats,
                 "train_warmup": a.train_warmup,
-                "seed": a.seed, "official_repo": a.official_repo, "batch": a.train_batch, **spec}
+                "seed": a.seed, "official_repo": a.official_repo, "batch": a.train_batch,
+                # ours as train_net.py / demo.py run it; the official code as its main.py does
+                "keep_freed_memory": spec["impl"] == "ours", **spec}
         self.n += 1
         spec_file = os.path.join(self.tmp, f"spec{self.n}.json")
         out_file = os.path.join(self.tmp, f"result{self.n}.json")
@@ -471,7 +481,9 @@ class Driver:
             json.dump({**spec, "result_file": out_file}, f)
         desc = f"{spec['impl']:8s} {spec.get('model', 'smca_single_scale'):17s} {spec['task']:9s} " \
                f"{spec['size'][0]}x{spec['size'][1]}" + (f" q{spec['num_queries']}" if spec.get("num_queries") else "") \
-               + (" amp" if spec.get("amp") else "") + (" optimized" if spec.get("optimize") else "") + (" channels-last" if spec.get("channels_last") else "")
+               + (" amp" if spec.get("amp") else "") + (" optimized" if spec.get("optimize") else "") \
+               + (" channels-last" if spec.get("channels_last") else "") \
+               + (" keep-freed" if spec.get("keep_freed_memory") else "")
         print(f"  {desc} ...", end="", flush=True)
         t0 = time.perf_counter()
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", spec_file],
@@ -527,6 +539,7 @@ def main(argv=None) -> dict:
     }
     impls = ["ours"] + (["official"] if args.official_repo else [])
     precisions = [False] + ([True] if args.amp else [])
+    same_malloc = bool(args.official_repo) and args.device == "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         drv = Driver(args, tmp)
         common = {"model": "smca_single_scale"}
@@ -567,6 +580,9 @@ def main(argv=None) -> dict:
                     row[impl] = drv.run(impl=impl, task="inference", size=size, amp=amp, **common)
                 row["ours_optimized"] = drv.run(impl="ours", task="inference", size=size, amp=amp,
                                                 optimize=True, **common)
+                if same_malloc:
+                    row["official_same_malloc"] = drv.run(impl="official", task="inference", size=size,
+                                                          amp=amp, keep_freed_memory=True, **common)
                 single["inference"].append(row)
             if "train" not in args.skip:
                 row = {"size": list(args.train_size), "batch": args.train_batch, "amp": amp}
@@ -574,6 +590,9 @@ def main(argv=None) -> dict:
                     row[impl] = drv.run(impl=impl, task="train", size=args.train_size, amp=amp, **common)
                 row["ours_channels_last"] = drv.run(impl="ours", task="train", size=args.train_size, amp=amp,
                                                     channels_last=True, **common)
+                if same_malloc:
+                    row["official_same_malloc"] = drv.run(impl="official", task="train", size=args.train_size,
+                                                          amp=amp, keep_freed_memory=True, **common)
                 if args.official_repo:
                     a, b = row["ours"]["initial_loss_no_dropout"], row["official"]["initial_loss_no_dropout"]
                     row["loss_rel_diff"] = abs(a - b) / max(abs(b), 1e-12)
@@ -652,12 +671,24 @@ def print_report(r: dict) -> None:
         line("inference", row["size"], row["amp"], row["ours"], row.get("official"), "s_per_image", "s/img")
         line("inference, optimized", row["size"], row["amp"], row["ours_optimized"], row.get("official"),
              "s_per_image", "s/img")
+        if "official_same_malloc" in row:
+            line("inference vs official with the same malloc setting", row["size"], row["amp"], row["ours"],
+                 row["official_same_malloc"], "s_per_image", "s/img")
+            line("inference, optimized vs official with the same malloc setting", row["size"], row["amp"],
+                 row["ours_optimized"], row["official_same_malloc"], "s_per_image", "s/img")
     for row in s["train"]:
         line(f"train (batch {row['batch']})", row["size"], row["amp"], row["ours"], row.get("official"),
              "s_per_iter", "s/iter")
         if "ours_channels_last" in row:
             line(f"train (batch {row['batch']}), channels-last", row["size"], row["amp"],
                  row["ours_channels_last"], row.get("official"), "s_per_iter", "s/iter")
+        if "official_same_malloc" in row:
+            line(f"train (batch {row['batch']}) vs official with the same malloc setting", row["size"],
+                 row["amp"], row["ours"], row["official_same_malloc"], "s_per_iter", "s/iter")
+            if "ours_channels_last" in row:
+                line(f"train (batch {row['batch']}), channels-last vs official with the same malloc setting",
+                     row["size"], row["amp"], row["ours_channels_last"], row["official_same_malloc"],
+                     "s_per_iter", "s/iter")
         if "loss_equal" in row:
             print(f"  initial loss ours {row['ours']['initial_loss_no_dropout']:.6f} vs official "
                   f"{row['official']['initial_loss_no_dropout']:.6f} (rel. diff {row['loss_rel_diff']:.1e})"
@@ -714,22 +745,25 @@ def plot_report(r: dict, path: str) -> None:
     impls = ["ours"] + (["official"] if r["official"] else [])
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     s = r["single_scale"]
-    labels, values = [], {i: [] for i in impls + ["ours_optimized"]}
+    names = impls[:1] + ["ours_optimized"] + impls[1:]
+    if any("official_same_malloc" in row for row in s["inference"] + s["train"]):
+        names.append("official_same_malloc")
+    labels, values = [], {i: [] for i in names}
     for row in s["inference"]:
         labels.append(f"infer {row['size'][0]}x{row['size'][1]}" + (" AMP" if row["amp"] else ""))
-        for i in impls + ["ours_optimized"]:
+        for i in names:
             values[i].append(row[i]["s_per_image"] if i in row else 0)
     for row in s["train"]:
         labels.append(f"train b{row['batch']}" + (" AMP" if row["amp"] else ""))
-        for i in impls:
-            values[i].append(row[i]["s_per_iter"])
-        values["ours_optimized"].append(row.get("ours_channels_last", {}).get("s_per_iter", 0))
-    names = impls[:1] + ["ours_optimized"] + impls[1:]
+        for i in names:
+            key = "ours_channels_last" if i == "ours_optimized" else i
+            values[i].append(row[key]["s_per_iter"] if key in row else 0)
+    legend = {"ours_optimized": "ours optimized (inference) / channels-last (train)",
+              "official_same_malloc": "official, same malloc setting as ours"}
     width = 0.8 / len(names)
     for k, name in enumerate(names):
         xs = [x + (k - (len(names) - 1) / 2) * width for x in range(len(labels))]
-        label = "ours optimized (inference) / channels-last (train)" if name == "ours_optimized" else name
-        axes[0].bar(xs, values[name], width, label=label)
+        axes[0].bar(xs, values[name], width, label=legend.get(name, name))
     axes[0].set_xticks(range(len(labels)))
     axes[0].set_xticklabels(labels, rotation=15)
     axes[0].set_ylabel("seconds")
