@@ -316,6 +316,32 @@ def _timing_hooks(impl: _Impl, totals: Dict[str, float]):
             h.remove()
 
 
+# Operators by kind, for the profile's split of a training step (self time, CPU).
+OP_KINDS = {
+    "convolution": ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::thnn_conv2d",
+                    "aten::_slow_conv2d_forward", "aten::_slow_conv2d_backward", "aten::_nnpack_spatial_convolution"),
+    "matrix products": ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm",
+                        "aten::_scaled_dot_product_flash_attention_for_cpu",
+                        "aten::_scaled_dot_product_flash_attention_for_cpu_backward"),
+    "dropout random numbers": ("aten::bernoulli_", "aten::uniform_"),
+}
+
+
+def op_kind_times(impl: "_Impl") -> dict:
+    """Self CPU time of one training step by kind of operator (torch.profiler): the kinds that
+    both implementations compute with the same kernels (convolutions, matrix products, dropout's
+    random numbers) and everything else."""
+    from torch.profiler import ProfilerActivity, profile
+
+    kind_of = {op: kind for kind, ops in OP_KINDS.items() for op in ops}
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        impl.train_step()
+    totals = {kind: 0.0 for kind in list(OP_KINDS) + ["everything else"]}
+    for event in prof.key_averages():
+        totals[kind_of.get(event.key, "everything else")] += event.self_cpu_time_total / 1e6
+    return totals
+
+
 def _timed_runs(fn, warmup, repeats, device):
     for _ in range(warmup):
         fn()
@@ -408,6 +434,8 @@ def run_worker(spec) -> dict:
         result["train_parts_s"] = {k: v / n for k, v in totals.items()}
         result["train_forward_and_loss_s"] = sum(fwd) / n
         result["train_backward_and_step_s"] = sum(bwd) / n
+        if device == "cpu":
+            result["train_op_kinds_s"] = op_kind_times(impl)
     else:
         raise ValueError(f"unknown task {task!r}")
 
@@ -640,6 +668,18 @@ def main(argv=None) -> dict:
     return report
 
 
+def speedup_limit(r: dict) -> Optional[dict]:
+    """The largest training speed-up over the official code that ours could reach without
+    changing numerics: the official step time over ours' time in the shared kinds of operator."""
+    kinds = (r.get("profile") or {}).get("ours", {}).get("train_op_kinds_s")
+    trains = r["single_scale"]["train"]
+    if not kinds or not trains or "official" not in trains[0]:
+        return None
+    shared = sum(v for k, v in kinds.items() if k != "everything else")
+    official = min(trains[0][k]["s_per_iter"] for k in ("official", "official_same_malloc") if k in trains[0])
+    return {"shared_s": shared, "official_s_per_iter": official, "limit": official / shared}
+
+
 def _ratio(ours, official):
     return f"{official / ours:.2f}x" if ours and official else "-"
 
@@ -708,6 +748,20 @@ def print_report(r: dict) -> None:
             ] + [f"{share:.0%}", f"{p['train_forward_and_loss_s']:.3f}", f"{p['train_backward_and_step_s']:.3f}",
                  f"{tp.get('backbone', 0):.3f}", f"{tp.get('matcher', 0):.3f}"]
             print("| " + " | ".join(cells) + " |")
+        kinds = {impl: p["train_op_kinds_s"] for impl, p in r["profile"].items() if "train_op_kinds_s" in p}
+        if kinds:
+            names = list(next(iter(kinds.values())))
+            print("\none training step by kind of operator (self CPU seconds, torch.profiler)")
+            print("| impl | " + " | ".join(names) + " | total |")
+            print("|---" * (len(names) + 2) + "|")
+            for impl, k in kinds.items():
+                print(f"| {impl} | " + " | ".join(f"{k[n]:.3f}" for n in names) + f" | {sum(k.values()):.3f} |")
+            limit = speedup_limit(r)
+            if limit:
+                print(f"ours spends {limit['shared_s']:.2f} s in convolutions, matrix products and dropout's random "
+                      f"numbers, which both implementations compute with the same kernels: even if all else took no "
+                      f"time, ours could train at most {limit['limit']:.2f}x faster than the official "
+                      f"{limit['official_s_per_iter']:.2f} s/iter at equal numerics.")
 
     if r.get("other_models"):
         print("\nother models (ours)")

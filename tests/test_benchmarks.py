@@ -1,6 +1,7 @@
 """benchmarks/convergence.py and benchmarks/speed.py: parsing, summaries, and small end-to-end runs."""
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -165,6 +166,11 @@ def test_speed_benchmark_ours_small(tmp_path):
     assert set(parts) >= {"backbone", "encoder", "decoder", "gaussian_prior"}
     assert 0 < parts["backbone"] < r["profile"]["ours"]["inference_total_s"]
     assert r["profile"]["ours"]["train_parts_s"]["matcher"] > 0
+    kinds = r["profile"]["ours"]["train_op_kinds_s"]
+    assert kinds["convolution"] > 0 and kinds["matrix products"] > 0 and kinds["dropout random numbers"] > 0
+    assert "by kind of operator" in run.stdout
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert train["keep_freed_memory"] is True  # as train_net.py runs on the CPU
     assert r["other_models"][0]["model"] == "detr_baseline"
     assert r["scaling"]["queries"][0]["num_queries"] == 20
     assert "where the time goes" in run.stdout and "| inference | 64x96 | fp32 |" in run.stdout
@@ -178,7 +184,7 @@ def test_speed_benchmark_ours_small(tmp_path):
 
 
 @pytest.mark.skipif(not os.environ.get("SMCA_OFFICIAL_REPO"), reason="set SMCA_OFFICIAL_REPO to a checkout of SMCA-DETR")
-def test_speed_benchmark_against_official(tmp_path):
+def test_speed_benchmark_against_official(speed, tmp_path):
     out = tmp_path / "speed.json"
     cmd = [
         sys.executable, os.path.join(REPO, "benchmarks", "speed.py"), "--official-repo",
@@ -191,3 +197,5 @@ def test_speed_benchmark_against_official(tmp_path):
     r = json.loads(out.read_text())
     assert all(d["pass"] for d in r["single_scale"]["equal_outputs"].values())
     assert r["single_scale"]["train"][0]["loss_equal"]
+    assert "official_same_malloc" in r["single_scale"]["train"][0]
+    assert speed.speedup_limit(r)["limit"] > 1
