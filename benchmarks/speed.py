@@ -822,7 +822,9 @@ def plot_report(r: dict, path: str) -> None:
     axes[0].set_xticklabels(labels, rotation=15)
     axes[0].set_ylabel("seconds")
     axes[0].set_title("single-scale R50")
-    axes[0].legend()
+    tallest = max((v for vals in values.values() for v in vals), default=1.0)
+    axes[0].set_ylim(0, tallest * 1.7)  # room for the legend above the bars
+    axes[0].legend(fontsize=8, loc="upper left")
     sc = r.get("scaling")
     if sc:
         for i in impls:
