@@ -142,7 +142,9 @@ def test_convert_torchvision_resnet(torchvision_r50, tmp_path):
             tv_features[f"res{i + 2}"] = y
         ours = model.backbone(x)
     for name, expected in tv_features.items():
-        torch.testing.assert_close(ours[name], expected, rtol=1e-4, atol=1e-4)
+        # (our convolutions apply the frozen batch norms to their weights: float rounding differs)
+        scale = float(expected.abs().max())
+        torch.testing.assert_close(ours[name], expected, rtol=1e-4, atol=1e-4 * scale)
 
 
 def test_convert_torchvision_resnet_errors(torchvision_r50, tmp_path):
