@@ -27,7 +27,7 @@ from detectron2.config import instantiate  # noqa: E402
 
 from smca_d2.checkpoint import SafeCheckpointer  # noqa: E402
 from smca_d2.benchmarking import write_json  # noqa: E402
-from smca_d2.engine import load_config  # noqa: E402
+from smca_d2.engine import keep_freed_cpu_memory, load_config  # noqa: E402
 
 
 def _sync(device):
@@ -93,6 +93,9 @@ def main():
 
     cfg = load_config(args.config_file, args.opts)
     cfg.train.device = args.device
+    # The malloc setting train_net.py uses on the CPU (train.keep_freed_cpu_memory), so that the
+    # figures are those of training with train_net.py.
+    kept = args.device == "cpu" and cfg.train.get("keep_freed_cpu_memory", True) and keep_freed_cpu_memory()
     torch.manual_seed(0)
     model = instantiate(cfg.model).to(args.device)
     if cfg.train.init_checkpoint:
@@ -123,6 +126,7 @@ def main():
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
+        "keep_freed_cpu_memory": bool(kept),
         "iters": args.iters,
         "results": results,
     }
