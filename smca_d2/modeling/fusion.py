@@ -29,6 +29,19 @@ from detectron2.layers import Conv2d, FrozenBatchNorm2d
 __all__ = ["FrozenBNConv2d", "fold_frozen_batchnorm", "fuse_frozen_batchnorm", "optimize_for_inference"]
 
 
+def _folded_weight_and_bias(conv: Conv2d, norm: nn.Module):
+    """``(W * s, (b - mean) * s + beta)`` with ``s = gamma / sqrt(var + eps)``: the weight and bias
+    of one convolution computing ``norm(conv(x))`` with ``norm``'s running statistics. Differentiable
+    in ``conv``'s parameters."""
+    gamma = norm.weight if norm.weight is not None else torch.ones_like(norm.running_var)
+    beta = norm.bias if norm.bias is not None else torch.zeros_like(norm.running_var)
+    scale = gamma * (norm.running_var + norm.eps).rsqrt()
+    bias = beta - norm.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    return conv.weight * scale.reshape(-1, 1, 1, 1), bias
+
+
 class FrozenBNConv2d(Conv2d):
     """A Detectron2 ``Conv2d`` that applies its ``FrozenBatchNorm2d`` to its weight and bias.
 
@@ -37,15 +50,10 @@ class FrozenBNConv2d(Conv2d):
     """
 
     def forward(self, x):
-        norm = self.norm
-        if not isinstance(norm, FrozenBatchNorm2d):
+        if not isinstance(self.norm, FrozenBatchNorm2d):
             return super().forward(x)
-        scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
-        shift = norm.bias - norm.running_mean * scale
-        if self.bias is not None:
-            shift = shift + self.bias * scale
-        weight = self.weight * scale.reshape(-1, 1, 1, 1)
-        x = F.conv2d(x, weight, shift, self.stride, self.padding, self.dilation, self.groups)
+        weight, bias = _folded_weight_and_bias(self, self.norm)
+        x = F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
         if self.activation is not None:
             x = self.activation(x)
         return x
@@ -85,13 +93,7 @@ def fold_frozen_batchnorm(module: nn.Module) -> int:
             continue  # batch statistics even at inference: nothing to fold
         if not isinstance(norm, (FrozenBatchNorm2d, nn.BatchNorm2d)):
             continue
-        gamma = norm.weight if norm.weight is not None else torch.ones_like(norm.running_var)
-        beta = norm.bias if norm.bias is not None else torch.zeros_like(norm.running_var)
-        scale = gamma * (norm.running_var + norm.eps).rsqrt()
-        bias = beta - norm.running_mean * scale
-        if conv.bias is not None:
-            bias = bias + conv.bias * scale
-        weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+        weight, bias = _folded_weight_and_bias(conv, norm)
         conv.weight = nn.Parameter(weight.detach(), requires_grad=False)
         conv.bias = nn.Parameter(bias.detach(), requires_grad=False)
         conv.norm = None
