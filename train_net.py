@@ -34,7 +34,7 @@ from smca_d2.engine import (
     check_config_datasets,
     check_device,
     check_num_classes,
-    keep_freed_cpu_memory,
+    keep_freed_cpu_memory_as_configured,
     load_config,
 )
 
@@ -97,8 +97,7 @@ def main(args):
     check_config_datasets(cfg, splits=("test",) if args.eval_only else ("train", "test"))
     default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, comm.get_rank(), name="smca_d2", abbrev_name="smca")
-    if str(cfg.train.device) == "cpu" and cfg.train.get("keep_freed_cpu_memory", True):
-        keep_freed_cpu_memory()
+    keep_freed_cpu_memory_as_configured(cfg)
     if args.eval_only:
         model = instantiate(cfg.model).to(cfg.train.device)
         model = create_ddp_model(model)

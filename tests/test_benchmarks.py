@@ -1,11 +1,12 @@
 """benchmarks/convergence.py and benchmarks/speed.py: parsing, summaries, and small end-to-end runs."""
 import json
 import os
-import platform
 import subprocess
 import sys
 
 import pytest
+
+from smca_d2.engine.memory import glibc_malloc
 
 from conftest import load_script
 
@@ -169,7 +170,7 @@ def test_speed_benchmark_ours_small(tmp_path):
     kinds = r["profile"]["ours"]["train_op_kinds_s"]
     assert kinds["convolution"] > 0 and kinds["matrix products"] > 0 and kinds["dropout random numbers"] > 0
     assert "by kind of operator" in run.stdout
-    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+    if glibc_malloc():
         assert train["keep_freed_memory"] is True  # as train_net.py runs on the CPU
     assert r["other_models"][0]["model"] == "detr_baseline"
     assert r["scaling"]["queries"][0]["num_queries"] == 20

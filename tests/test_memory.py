@@ -1,10 +1,11 @@
 """keep_freed_cpu_memory: freed tensors are reused without page faults (glibc only)."""
 import os
-import platform
 import subprocess
 import sys
 
 import pytest
+
+from smca_d2.engine.memory import glibc_malloc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,9 +30,7 @@ for _ in range(3):
 print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
-glibc_only = pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc malloc settings"
-)
+glibc_only = pytest.mark.skipif(not glibc_malloc(), reason="glibc malloc settings")
 
 
 def _run(mode, **env):

@@ -1,11 +1,12 @@
 """train_net.py end to end on a tiny dataset: train -> checkpoint -> resume -> eval-only."""
 import json
 import os
-import platform
 import subprocess
 import sys
 
 import pytest
+
+from smca_d2.engine.memory import glibc_malloc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "demo", "smca_r18_synthetic.py")
@@ -46,8 +47,7 @@ def test_train_checkpoint_resume_eval(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     assert (out / "model_final.pth").is_file() and (out / "config.yaml").is_file()
     assert "AP" in first.stdout + first.stderr
-    glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-    if glibc:  # train.keep_freed_cpu_memory (default True) on the CPU
+    if glibc_malloc():  # train.keep_freed_cpu_memory (default True) on the CPU
         assert "malloc keeps freed memory" in first.stdout + first.stderr
     metrics = [json.loads(line) for line in open(out / "metrics.json")]
     assert any("loss_class" in m for m in metrics)

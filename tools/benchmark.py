@@ -27,7 +27,7 @@ from detectron2.config import instantiate  # noqa: E402
 
 from smca_d2.checkpoint import SafeCheckpointer  # noqa: E402
 from smca_d2.benchmarking import write_json  # noqa: E402
-from smca_d2.engine import keep_freed_cpu_memory, load_config  # noqa: E402
+from smca_d2.engine import keep_freed_cpu_memory_as_configured, load_config  # noqa: E402
 
 
 def _sync(device):
@@ -95,7 +95,7 @@ def main():
     cfg.train.device = args.device
     # The malloc setting train_net.py uses on the CPU (train.keep_freed_cpu_memory), so that the
     # figures are those of training with train_net.py.
-    kept = args.device == "cpu" and cfg.train.get("keep_freed_cpu_memory", True) and keep_freed_cpu_memory()
+    kept = keep_freed_cpu_memory_as_configured(cfg)
     torch.manual_seed(0)
     model = instantiate(cfg.model).to(args.device)
     if cfg.train.init_checkpoint:

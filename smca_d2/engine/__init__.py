@@ -7,7 +7,7 @@ from .config import (
     load_config,
     prepare_config,
 )
-from .memory import keep_freed_cpu_memory
+from .memory import keep_freed_cpu_memory, keep_freed_cpu_memory_as_configured
 from .hooks import DeterministicSteps, NonFiniteLossCheck, NonFiniteLossError
 from .resumable import ResumableTrainLoader, build_resumable_train_loader
 
@@ -23,6 +23,7 @@ __all__ = [
     "check_num_classes",
     "check_override_keys",
     "keep_freed_cpu_memory",
+    "keep_freed_cpu_memory_as_configured",
     "load_config",
     "prepare_config",
 ]

@@ -17,7 +17,12 @@ import logging
 import os
 import platform
 
-__all__ = ["keep_freed_cpu_memory", "malloc_settings_from_environment"]
+__all__ = [
+    "glibc_malloc",
+    "keep_freed_cpu_memory",
+    "keep_freed_cpu_memory_as_configured",
+    "malloc_settings_from_environment",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +38,11 @@ _ENVIRONMENT = (
 )
 
 
+def glibc_malloc() -> bool:
+    """Whether this process's ``malloc`` is glibc's (Linux with glibc): the one these settings tune."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def malloc_settings_from_environment() -> list:
     """The environment variables through which the user already chose malloc settings or another
     allocator (jemalloc, tcmalloc via ``LD_PRELOAD``); those are left alone."""
@@ -46,7 +56,7 @@ def keep_freed_cpu_memory() -> bool:
     Returns True if the settings were applied; False, changing nothing, where the C library is
     not glibc or :func:`malloc_settings_from_environment` names a variable the user set.
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not glibc_malloc():
         return False
     chosen = malloc_settings_from_environment()
     if chosen:
@@ -62,3 +72,12 @@ def keep_freed_cpu_memory() -> bool:
     if applied:
         logger.info("malloc keeps freed memory for reuse (M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1)")
     return applied
+
+
+def keep_freed_cpu_memory_as_configured(cfg) -> bool:
+    """:func:`keep_freed_cpu_memory` when the config trains on the CPU (``train.device``) with
+    ``train.keep_freed_cpu_memory`` (default True): what train_net.py does. Returns whether applied."""
+    train = cfg.train
+    if str(train.device) != "cpu" or not train.get("keep_freed_cpu_memory", True):
+        return False
+    return keep_freed_cpu_memory()
