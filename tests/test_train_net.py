@@ -9,12 +9,12 @@ import pytest
 from smca_d2.engine.memory import glibc_malloc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(REPO, "configs", "demo", "smca_r18_synthetic.py")
+CONFIG = os.path.join(REPO, "configs", "common", "r18_synthetic.py")
 
 
 def run_train_net(tmp_path, *args, check=True, size_jitter=32):
-    """Run train_net.py in `tmp_path` on a tiny generated dataset; `args` default to the demo
-    config when they name no --config-file."""
+    """Run train_net.py in `tmp_path` on a tiny generated dataset; `args` default to the small
+    R18 config (the demo's base, single-scale) when they name no --config-file."""
     from smca_d2.data.synthetic import make_synthetic_coco
 
     data = tmp_path / "data"

@@ -6,7 +6,7 @@ from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from detectron2.config import LazyCall as L
 
-from ..demo.smca_r18_synthetic import dataloader, model, optimizer, train
+from ..common.r18_synthetic import dataloader, model, optimizer, train
 
 train.max_iter = 1000
 train.eval_period = 100

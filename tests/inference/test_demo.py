@@ -10,7 +10,7 @@ import pytest
 
 from smca_d2.inference import collect_inputs, instances_to_json
 from smca_d2.inference.demo import output_paths
-from tiny_smca import DEMO_CONFIG, REPO, TINY_OVERRIDES, random_image, tiny_config, write_checkpoint
+from tiny_smca import R18_CONFIG, REPO, TINY_OVERRIDES, random_image, tiny_config, write_checkpoint
 
 DEMO = os.path.join(REPO, "demo", "demo.py")
 
@@ -35,7 +35,7 @@ def test_demo_on_a_folder(tmp_path, checkpoint):
         cv2.imwrite(str(images / f"img{i}.jpg"), random_image(h, w, seed=i))
     out = tmp_path / "out"
     cmd = [
-        sys.executable, DEMO, "--config-file", DEMO_CONFIG, "--input", str(images), "--output", str(out),
+        sys.executable, DEMO, "--config-file", R18_CONFIG, "--input", str(images), "--output", str(out),
         "--confidence-threshold", "0.0", "--device", "cpu",
         "--opts", *TINY_OVERRIDES, f"train.init_checkpoint={checkpoint}",
     ]
@@ -63,7 +63,7 @@ def test_single_image_to_a_file_and_threshold(tmp_path, checkpoint):
     opts = ["--device", "cpu", "--opts", *TINY_OVERRIDES, f"train.init_checkpoint={checkpoint}"]
 
     def run(output, threshold):
-        args = ["--config-file", DEMO_CONFIG, "--input", str(image), "--output", str(tmp_path / output)]
+        args = ["--config-file", R18_CONFIG, "--input", str(image), "--output", str(tmp_path / output)]
         return demo.main(args + ["--confidence-threshold", threshold] + opts)
 
     assert run("drawn.png", "0.0") == 0
@@ -86,7 +86,7 @@ def test_demo_on_a_video(tmp_path, checkpoint):
         writer.write(random_image(64, 80, seed=i))
     writer.release()
     out = tmp_path / "video_out"
-    args = ["--config-file", DEMO_CONFIG, "--video-input", video, "--output", str(out), "--confidence-threshold", "0.0"]
+    args = ["--config-file", R18_CONFIG, "--video-input", video, "--output", str(out), "--confidence-threshold", "0.0"]
     assert demo.main(args + ["--device", "cpu", "--opts", *TINY_OVERRIDES, f"train.init_checkpoint={checkpoint}"]) == 0
     with open(out / "clip.json") as f:
         frames = json.load(f)["frames"]

@@ -11,9 +11,9 @@ from torch import nn
 from smca_d2.inference import LazyPredictor
 from smca_d2.inference.gaussian_maps import capture_decoder_layer, cells_to_image, compute_smca_maps, save_smca_maps
 from smca_d2.modeling import attention, decoder
-from tiny_smca import DEMO_CONFIG, MULTI_SCALE_CONFIG, REPO, TINY_OVERRIDES, random_image, tiny_config, write_checkpoint
+from tiny_smca import R18_CONFIG, MULTI_SCALE_CONFIG, REPO, TINY_OVERRIDES, random_image, tiny_config, write_checkpoint
 
-CONFIGS = {"single_scale": DEMO_CONFIG, "multi_scale": MULTI_SCALE_CONFIG}
+CONFIGS = {"single_scale": R18_CONFIG, "multi_scale": MULTI_SCALE_CONFIG}
 
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
@@ -125,7 +125,7 @@ def test_visualize_tool(tmp_path):
     spec.loader.exec_module(tool)
     ckpt, _ = write_checkpoint(tiny_config(), str(tmp_path / "tiny.pth"))
     cv2.imwrite(str(tmp_path / "photo.jpg"), random_image(72, 96))
-    args = ["--config-file", DEMO_CONFIG, "--input", str(tmp_path / "photo.jpg"), "--output", str(tmp_path / "out")]
+    args = ["--config-file", R18_CONFIG, "--input", str(tmp_path / "photo.jpg"), "--output", str(tmp_path / "out")]
     args += ["--queries", "0", "5", "--device", "cpu", "--opts", *TINY_OVERRIDES, f"train.init_checkpoint={ckpt}"]
     assert tool.main(args) == 0
     assert sorted(os.listdir(tmp_path / "out" / "photo")) == ["query000.png", "query005.png"]

@@ -81,7 +81,7 @@ def test_checkpoint_is_loaded(checkpoint):
 
 def test_test_augmentations():
     cfg = tiny_config()
-    assert build_test_augmentations(cfg) == []  # the demo config uses the images as they are
+    assert build_test_augmentations(cfg) == []  # the R18 config uses the images as they are
     del cfg.dataloader.test.mapper["augmentations"]
     (fallback,) = build_test_augmentations(cfg)
     assert isinstance(fallback, T.ResizeShortestEdge)

@@ -1,4 +1,5 @@
-"""Tiny SMCA models for the inference tests: the demo config (R18), shrunk; no training."""
+"""Tiny SMCA models for the inference tests: the small R18 config
+(configs/common/r18_synthetic.py), shrunk; no training."""
 import os
 
 import numpy as np
@@ -10,7 +11,7 @@ from detectron2.config import instantiate
 from smca_d2.inference import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEMO_CONFIG = os.path.join(REPO, "configs", "demo", "smca_r18_synthetic.py")
+R18_CONFIG = os.path.join(REPO, "configs", "common", "r18_synthetic.py")
 MULTI_SCALE_CONFIG = os.path.join(REPO, "configs", "smca_multi_scale_r50_50ep.py")
 
 TINY_DECODER = [
@@ -23,10 +24,10 @@ TINY_DECODER = [
 TINY_OVERRIDES = ["model.transformer.encoder.num_layers=1"] + TINY_DECODER
 
 
-def tiny_config(path=DEMO_CONFIG):
+def tiny_config(path=R18_CONFIG):
     """The config at ``path`` with a 1-layer encoder (if it has ``num_layers``), a 2-layer
     decoder, d_model 64 and 10 queries."""
-    overrides = TINY_OVERRIDES if path == DEMO_CONFIG else TINY_DECODER
+    overrides = TINY_OVERRIDES if path == R18_CONFIG else TINY_DECODER
     return load_config(path, overrides)
 
 

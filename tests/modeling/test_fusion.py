@@ -114,7 +114,7 @@ def test_channels_last_model_gives_the_same_outputs_and_losses():
     from detectron2.structures import Boxes, Instances
 
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    cfg = LazyConfig.load(os.path.join(repo, "configs", "demo", "smca_r18_synthetic.py")).model
+    cfg = LazyConfig.load(os.path.join(repo, "configs", "common", "r18_synthetic.py")).model
     cfg.transformer.decoder.dropout = 0.0
     torch.manual_seed(0)
     plain = instantiate(cfg)

@@ -53,7 +53,7 @@ def test_tiny_smca_overfits_one_image(modulate):
     inst = Instances((128, 128), gt_boxes=Boxes(boxes), gt_classes=classes)
     inputs = [{"image": torch.as_tensor(image).permute(2, 0, 1).float(), "instances": inst, "height": 128, "width": 128}]
 
-    cfg = LazyConfig.load(os.path.join(REPO, "configs", "demo", "smca_r18_synthetic.py")).model
+    cfg = LazyConfig.load(os.path.join(REPO, "configs", "common", "r18_synthetic.py")).model
     cfg.num_queries = 10
     cfg.transformer.encoder.num_layers = 1
     cfg.transformer.decoder.num_layers = 2

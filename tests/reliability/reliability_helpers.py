@@ -83,7 +83,7 @@ class NaNAtCall(SetCriterion):
 # train_net.py subprocesses
 # --------------------------------------------------------------------------------------------
 REPO = os.path.dirname(os.path.dirname(HERE))
-DEMO_CONFIG = os.path.join(REPO, "configs", "demo", "smca_r18_synthetic.py")
+R18_CONFIG = os.path.join(REPO, "configs", "common", "r18_synthetic.py")
 
 
 def synthetic_data(tmp_path):
@@ -107,12 +107,12 @@ def train_net_cmd(*args):
     import sys
 
     if "--config-file" not in args:
-        args = ("--config-file", DEMO_CONFIG, *args)
+        args = ("--config-file", R18_CONFIG, *args)
     return [sys.executable, os.path.join(REPO, "train_net.py"), *args]
 
 
 def tiny(out, *more):
-    """The reduced demo of tests/test_train_net.py."""
+    """The reduced R18 config of tests/test_train_net.py."""
     return [
         f"train.output_dir={out}",
         "dataloader.train.total_batch_size=2",
