@@ -15,6 +15,7 @@ from detectron2.config import LazyConfig, instantiate
 
 from conftest import load_script
 from smca_d2.checkpoint import convert_torchvision_resnet
+from smca_d2.engine.memory import glibc_malloc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
@@ -188,7 +189,5 @@ def test_benchmark_tool_writes_a_table_and_json(tmp_path):
     record = json.loads(out.read_text())
     for value in [*record["results"]["inference"].values(), *record["results"]["train"].values()]:
         assert value > 0
-    from smca_d2.engine.memory import glibc_malloc
-
     if record["device"] == "cpu" and glibc_malloc():
         assert record["keep_freed_cpu_memory"] is True  # measured as train_net.py trains

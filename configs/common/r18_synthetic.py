@@ -7,11 +7,11 @@
 from detectron2.config import LazyCall as L
 from detectron2.data import transforms as T
 from detectron2.modeling.backbone import ResNet
-from fvcore.common.param_scheduler import MultiStepParamScheduler
 
 from .data.coco_detr import dataloader
 from .models.smca_single_scale import model
 from .optim import AdamW as optimizer
+from .schedule import step_schedule
 from .train import train
 
 dataloader.train.dataset.names = "smca_synthetic_train"
@@ -45,6 +45,4 @@ train.log_period = 50
 train.checkpointer.period = 500
 train.output_dir = "output/smca_r18_synthetic"
 train.seed = 0
-lr_multiplier = L(MultiStepParamScheduler)(
-    values=[1.0, 0.1], milestones=[train.max_iter * 4 // 5], num_updates=train.max_iter
-)
+lr_multiplier = step_schedule(train.max_iter)

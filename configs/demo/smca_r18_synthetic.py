@@ -6,10 +6,8 @@
 #   images, and an 8x8 map is too coarse to place the small ones;
 # * no dropout: it slows down learning in a run this short, and costs time;
 # * the backbone in channels-last memory format (faster convolutions on the CPU).
-from detectron2.config import LazyCall as L
-from fvcore.common.param_scheduler import MultiStepParamScheduler
-
 from ..common.r18_synthetic import dataloader, model, optimizer, train
+from ..common.schedule import step_schedule
 
 model.backbone.out_features = ["res3"]
 model.in_features = ["res3"]
@@ -20,6 +18,4 @@ train.max_iter = 1800
 train.eval_period = train.max_iter
 train.checkpointer.period = 500
 train.output_dir = "output/demo_smca_r18_synthetic"
-lr_multiplier = L(MultiStepParamScheduler)(
-    values=[1.0, 0.1], milestones=[train.max_iter * 4 // 5], num_updates=train.max_iter
-)
+lr_multiplier = step_schedule(train.max_iter)
