@@ -12,6 +12,8 @@ config is refused (``+key=value`` adds one on purpose).
 
 Before any work the config, the datasets (files, json, boxes, images) and ``model.num_classes``
 are checked; checkpoints are loaded without running code from them and written atomically;
+with ``train.ema.enabled=True`` a moving average of the weights is kept, evaluated and saved
+(``"model_ema"`` in each checkpoint) and ``--eval-only`` loads it;
 training stops at a non-finite loss; ``--resume`` continues exactly where the last complete
 checkpoint left off. See "What happens when" in README.md.
 """
@@ -25,28 +27,37 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from smca_d2.checkpoint import SafeCheckpointer
+from smca_d2.checkpoint import EMA_KEY, SafeCheckpointer
 from smca_d2.compat import create_ddp_model, launch
 from smca_d2.modeling import optimize_for_inference
 from smca_d2.engine import (
     DeterministicSteps,
+    EMAHook,
+    ModelEMA,
     NonFiniteLossCheck,
     check_config_datasets,
     check_device,
     check_num_classes,
     keep_freed_cpu_memory_as_configured,
     load_config,
+    use_ema_weights,
 )
 
 logger = logging.getLogger("smca_d2")
 
 
-def do_test(cfg, model, test_loader=None):
+def do_test(cfg, model, test_loader=None, ema=None):
+    """Evaluate ``model`` (with the averaged weights of ``ema`` when given)."""
     if "evaluator" not in cfg.dataloader:
         return {}
     if test_loader is None:
         test_loader = instantiate(cfg.dataloader.test)
-    results = inference_on_dataset(model, test_loader, instantiate(cfg.dataloader.evaluator))
+    if ema is not None:
+        logger.info(f"Evaluating the averaged (EMA) weights, {ema.num_updates} updates")
+        with ema.weights_in_model():
+            results = inference_on_dataset(model, test_loader, instantiate(cfg.dataloader.evaluator))
+    else:
+        results = inference_on_dataset(model, test_loader, instantiate(cfg.dataloader.evaluator))
     if comm.is_main_process():
         print_csv_format(results)
     return results
@@ -65,8 +76,13 @@ def do_train(args, cfg):
 
     model = create_ddp_model(model, **cfg.train.ddp)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
+    ema = ModelEMA(model, cfg.train.ema.decay) if use_ema_weights(cfg) else None
     checkpointer = SafeCheckpointer(
-        model, cfg.train.output_dir, strict=cfg.train.get("strict_load", False), trainer=trainer
+        model,
+        cfg.train.output_dir,
+        strict=cfg.train.get("strict_load", False),
+        trainer=trainer,
+        **({EMA_KEY: ema} if ema is not None else {}),
     )
     trainer.register_hooks(
         [
@@ -74,10 +90,11 @@ def do_train(args, cfg):
             DeterministicSteps(cfg.train.seed, train_loader),
             NonFiniteLossCheck(checkpointer),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
+            EMAHook(ema) if ema is not None else None,  # before the checkpointer and the evaluation
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
             if comm.is_main_process()
             else None,
-            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model, test_loader)),
+            hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model, test_loader, ema)),
             hooks.PeriodicWriter(
                 default_writers(cfg.train.output_dir, cfg.train.max_iter),
                 period=cfg.train.log_period,
@@ -101,7 +118,9 @@ def main(args):
     if args.eval_only:
         model = instantiate(cfg.model).to(cfg.train.device)
         model = create_ddp_model(model)
-        SafeCheckpointer(model, strict=cfg.train.get("strict_load", False)).load(cfg.train.init_checkpoint)
+        SafeCheckpointer(
+            model, strict=cfg.train.get("strict_load", False), ema_weights=use_ema_weights(cfg)
+        ).load(cfg.train.init_checkpoint)
         # Batch norms folded into the convolutions (same outputs to float rounding, faster).
         optimize_for_inference(model.module if hasattr(model, "module") else model)
         return do_test(cfg, model)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from smca_d2.engine.memory import glibc_malloc
 
@@ -52,16 +53,25 @@ def test_train_checkpoint_resume_eval(tmp_path):
     metrics = [json.loads(line) for line in open(out / "metrics.json")]
     assert any("loss_class" in m for m in metrics)
 
-    resumed = run_train_net(tmp_path, "--resume", *tiny_overrides(out), "train.max_iter=5", "train.eval_period=5", check=False)
+    # Resumed with the moving average of the weights turned on: it starts from the resumed weights,
+    # is evaluated, and saved next to them.
+    ema = ["train.ema.enabled=True", "train.ema.decay=0.9"]
+    resumed = run_train_net(tmp_path, "--resume", *tiny_overrides(out), "train.max_iter=5", "train.eval_period=5",
+                            *ema, check=False)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Starting training from iteration 3" in resumed.stdout + resumed.stderr
+    assert "Evaluating the averaged (EMA) weights, 2 updates" in resumed.stdout + resumed.stderr
     train_iters = [m["iteration"] for m in map(json.loads, open(out / "metrics.json")) if "loss_class" in m]
     assert max(train_iters) == 4  # iterations 0..4 of max_iter=5, the last two after the resume
+    final = torch.load(out / "model_final.pth", weights_only=True)
+    assert final["model_ema"].keys() == final["model"].keys()
+    assert any(not torch.equal(v, final["model"][k]) for k, v in final["model_ema"].items())
 
     evaluated = run_train_net(tmp_path, "--eval-only", *tiny_overrides(out), f"train.init_checkpoint={out}/model_final.pth",
-                              "train.keep_freed_cpu_memory=False", check=False)
+                              "train.keep_freed_cpu_memory=False", *ema, check=False)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "copypaste: AP,AP50" in evaluated.stdout + evaluated.stderr
+    assert "Using the averaged (EMA) weights" in evaluated.stdout + evaluated.stderr
     assert "malloc keeps freed memory" not in evaluated.stdout + evaluated.stderr
 
 

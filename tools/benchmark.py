@@ -27,7 +27,7 @@ from detectron2.config import instantiate  # noqa: E402
 
 from smca_d2.checkpoint import SafeCheckpointer  # noqa: E402
 from smca_d2.benchmarking import write_json  # noqa: E402
-from smca_d2.engine import keep_freed_cpu_memory_as_configured, load_config  # noqa: E402
+from smca_d2.engine import keep_freed_cpu_memory_as_configured, load_config, use_ema_weights  # noqa: E402
 
 
 def _sync(device):
@@ -99,7 +99,7 @@ def main():
     torch.manual_seed(0)
     model = instantiate(cfg.model).to(args.device)
     if cfg.train.init_checkpoint:
-        SafeCheckpointer(model).load(cfg.train.init_checkpoint)
+        SafeCheckpointer(model, ema_weights=use_ema_weights(cfg)).load(cfg.train.init_checkpoint)
     results = {}
     if "inference" in args.tasks:
         results["inference"] = bench_inference(cfg, model, args)

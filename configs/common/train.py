@@ -6,6 +6,10 @@ train = dict(
     amp=dict(enabled=False),
     ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
     checkpointer=dict(period=5000, max_to_keep=100),
+    # Exponential moving average of the weights (smca_d2/engine/ema.py): updated every iteration,
+    # evaluated instead of the trained weights, saved as "model_ema" in the checkpoints and used
+    # by --eval-only and LazyPredictor. The decay settles to `decay` ((1 + t) / (10 + t) before).
+    ema=dict(enabled=False, decay=0.9998),
     eval_period=5000,
     log_period=20,
     device="cuda",

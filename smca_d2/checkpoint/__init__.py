@@ -17,6 +17,7 @@ from .official import (
     load_official_checkpoint,
 )
 from .safe_load import (
+    EMA_KEY,
     TRUST_ENV,
     CheckpointMismatchError,
     NonFiniteWeightsError,
@@ -27,6 +28,7 @@ from .safe_load import (
 )
 
 __all__ = [
+    "EMA_KEY",
     "TRUST_ENV",
     "CheckpointMismatchError",
     "NonFiniteWeightsError",

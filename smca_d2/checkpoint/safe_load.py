@@ -36,6 +36,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from .official import UnsafeCheckpointError
 
 __all__ = [
+    "EMA_KEY",
     "TRUST_ENV",
     "CheckpointMismatchError",
     "NonFiniteWeightsError",
@@ -51,6 +52,10 @@ logger = logging.getLogger(__name__)
 
 #: Environment variable that, set to 1/true/yes, allows checkpoints that need full unpickling.
 TRUST_ENV = "SMCA_D2_TRUST_CHECKPOINTS"
+
+
+#: Key of the averaged (EMA) weights in a training checkpoint (smca_d2.engine.ema).
+EMA_KEY = "model_ema"
 
 
 class CheckpointMismatchError(ValueError):
@@ -220,12 +225,18 @@ class SafeCheckpointer(DetectionCheckpointer):
         strict: fail (:class:`CheckpointMismatchError`) if the checkpoint does not fit the model
             exactly, instead of loading what fits. Resuming is always strict.
         trust: allow checkpoints that need full unpickling (default: ``$SMCA_D2_TRUST_CHECKPOINTS``).
+        ema_weights: load a checkpoint's averaged weights (``"model_ema"``, written when training
+            with ``train.ema.enabled``) instead of its ``"model"`` weights, for inference. A
+            checkpoint without them is loaded as usual, with a warning.
     """
 
-    def __init__(self, model, save_dir="", *, save_to_disk=None, strict=False, trust=None, **checkpointables):
+    def __init__(
+        self, model, save_dir="", *, save_to_disk=None, strict=False, trust=None, ema_weights=False, **checkpointables
+    ):
         super().__init__(model, save_dir, save_to_disk=save_to_disk, **checkpointables)
         self.strict = strict
         self.trust = trust
+        self.ema_weights = ema_weights
         self._strict_now = strict
         self._resuming = False
         self.last_load_report = None
@@ -315,6 +326,15 @@ class SafeCheckpointer(DetectionCheckpointer):
             raise ValueError(f"{filename} holds a {type(loaded).__name__}, not a checkpoint dict")
         if "model" not in loaded:
             loaded = {"model": loaded}
+        if self.ema_weights:
+            if EMA_KEY in loaded:
+                self.logger.info(f"Using the averaged (EMA) weights of {filename}")
+                loaded = {**loaded, "model": loaded[EMA_KEY]}
+            else:
+                self.logger.warning(
+                    f"{filename} has no averaged (EMA) weights ('{EMA_KEY}'): loading its trained weights. "
+                    "(EMA weights are asked for because train.ema.enabled is set.)"
+                )
         return loaded
 
     def _log_incompatible_keys(self, incompatible) -> None:

@@ -7,12 +7,15 @@ from .config import (
     load_config,
     prepare_config,
 )
+from .ema import EMAHook, ModelEMA, use_ema_weights
 from .memory import keep_freed_cpu_memory, keep_freed_cpu_memory_as_configured
 from .hooks import DeterministicSteps, NonFiniteLossCheck, NonFiniteLossError
 from .resumable import ResumableTrainLoader, build_resumable_train_loader
 
 __all__ = [
     "DeterministicSteps",
+    "EMAHook",
+    "ModelEMA",
     "NonFiniteLossCheck",
     "NonFiniteLossError",
     "ResumableTrainLoader",
@@ -26,4 +29,5 @@ __all__ = [
     "keep_freed_cpu_memory_as_configured",
     "load_config",
     "prepare_config",
+    "use_ema_weights",
 ]

@@ -25,6 +25,7 @@ from detectron2.structures import Instances
 from smca_d2.checkpoint import SafeCheckpointer
 from smca_d2.engine.config import check_override_keys
 from smca_d2.engine.config import load_config as load_checked_config
+from smca_d2.engine.ema import use_ema_weights
 from smca_d2.modeling.fusion import optimize_for_inference
 
 __all__ = ["LazyPredictor", "build_test_augmentations", "dataset_class_names", "load_config"]
@@ -146,7 +147,8 @@ class LazyPredictor:
         Args:
             cfg_or_path: a LazyConfig path or a loaded LazyConfig (it is not modified).
             checkpoint: weights to load with :class:`smca_d2.checkpoint.SafeCheckpointer` (a path or URL). None uses
-                ``cfg.train.init_checkpoint`` when it is set; "" loads nothing (random weights).
+                ``cfg.train.init_checkpoint`` when it is set; "" loads nothing (random weights). With
+                ``train.ema.enabled`` in the config, the checkpoint's averaged (EMA) weights are used.
             device: "cpu", "cuda", ... (default: ``cfg.train.device``, or the CPU if CUDA is
                 not available).
             input_format: "BGR" (OpenCV, the default) or "RGB": channel order of the images
@@ -173,7 +175,7 @@ class LazyPredictor:
             checkpoint = _select(self.cfg, "train.init_checkpoint", "") or ""
         self.checkpoint = checkpoint
         if checkpoint:
-            SafeCheckpointer(self.model).load(checkpoint)
+            SafeCheckpointer(self.model, ema_weights=use_ema_weights(self.cfg)).load(checkpoint)
         else:
             logger.warning("LazyPredictor: no checkpoint given, the model has random weights")
         if optimize:

@@ -79,6 +79,23 @@ def test_checkpoint_is_loaded(checkpoint):
     assert not torch.equal(LazyPredictor(cfg, "", device="cpu").model.class_embed.weight, written.class_embed.weight)
 
 
+def test_averaged_weights_are_used_when_the_config_trained_with_them(checkpoint, tmp_path):
+    path, written = checkpoint
+    torch.manual_seed(7)
+    averaged = {k: v + 0.5 if v.is_floating_point() else v for k, v in written.state_dict().items()}
+    data = torch.load(path, weights_only=True)
+    data["model_ema"] = averaged
+    ema_path = str(tmp_path / "with_ema.pth")
+    torch.save(data, ema_path)
+    cfg = tiny_config()
+    cfg.train.ema.enabled = True
+    predictor = LazyPredictor(cfg, ema_path, device="cpu", optimize=False)
+    assert all(torch.equal(predictor.model.state_dict()[k], v) for k, v in averaged.items())
+    cfg.train.ema.enabled = False  # the trained weights
+    predictor = LazyPredictor(cfg, ema_path, device="cpu", optimize=False)
+    assert all(torch.equal(predictor.model.state_dict()[k], v) for k, v in written.state_dict().items())
+
+
 def test_test_augmentations():
     cfg = tiny_config()
     assert build_test_augmentations(cfg) == []  # the R18 config uses the images as they are

@@ -13,9 +13,10 @@ import torch
 from reliability_helpers import run_train_net, tiny, train_net_cmd, train_net_env
 
 MAX_ITER = 14
-# Augmentations (random flip) and dropout stay on: their random numbers must resume too.
+# Augmentations (random flip) and dropout stay on: their random numbers must resume too. So does
+# the moving average of the weights.
 SETTINGS = [f"train.max_iter={MAX_ITER}", "train.checkpointer.period=2", "train.checkpointer.max_to_keep=2",
-            "train.eval_period=0", "train.seed=3"]
+            "train.eval_period=0", "train.seed=3", "train.ema.enabled=True", "train.ema.decay=0.9"]
 
 
 def _start(tmp_path, out, *extra):
@@ -100,7 +101,9 @@ def test_kill9_then_resume_matches_an_uninterrupted_run(tmp_path):
     a = torch.load(reference / "model_final.pth", weights_only=True)
     b = torch.load(out / "model_final.pth", weights_only=True)
     assert a["iteration"] == b["iteration"] == MAX_ITER - 1
-    mismatched = [k for k in a["model"] if not torch.equal(a["model"][k], b["model"][k])]
-    assert not mismatched, f"{len(mismatched)} tensors differ, e.g. {mismatched[:3]} {note}"
+    for weights in ("model", "model_ema"):
+        mismatched = [k for k in a[weights] if not torch.equal(a[weights][k], b[weights][k])]
+        assert not mismatched, f"{weights}: {len(mismatched)} tensors differ, e.g. {mismatched[:3]} {note}"
+    assert a["trainer"]["hooks"]["EMAHook"] == b["trainer"]["hooks"]["EMAHook"] == {"num_updates": MAX_ITER}
     opt_a, opt_b = a["trainer"]["optimizer"]["state"], b["trainer"]["optimizer"]["state"]
     assert all(torch.equal(opt_a[i][k], opt_b[i][k]) for i in opt_a for k in opt_a[i]), note
