@@ -2,6 +2,7 @@
 resume -> evaluate; and round-trips through LazyConfig.save/load."""
 import glob
 import json
+import math
 import os
 
 import pytest
@@ -81,3 +82,25 @@ def test_config_round_trips_through_save_and_load(path, tmp_path):
     assert loaded.model.criterion.num_classes == cfg.model.num_classes  # one source of truth
     assert loaded.train.max_iter == cfg.train.max_iter
     assert instantiate(loaded.lr_multiplier)(0.0) == 1.0
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=IDS)
+def test_lr_drops_at_four_fifths_of_max_iter_also_when_it_is_overridden(path):
+    """detectron2's LRScheduler hook reads the schedule at iter / train.max_iter: a command-line
+    train.max_iter moves the drop with it."""
+    import torch
+    from detectron2.solver import LRMultiplier
+
+    from smca_d2.engine import load_config
+
+    for overrides in ([], ["train.max_iter=50"]):
+        cfg = load_config(path, overrides)
+        max_iter, drop = cfg.train.max_iter, int(cfg.train.max_iter * 0.8)
+        # fvcore reads the schedule at (fraction + 1e-6): the drop may come that much early (1
+        # iteration of the 108-epoch schedules' 1.58 million)
+        early = math.ceil(1e-6 * cfg.lr_multiplier.num_updates)
+        for it, expected in ((0, 1.0), (drop - 1 - early, 1.0), (drop, 0.1), (max_iter - 1, 0.1)):
+            optimizer = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))], "initial_lr": 1.0}], lr=1.0)
+            # what the hook builds, at iteration `it` (as when resuming there)
+            LRMultiplier(optimizer, instantiate(cfg.lr_multiplier), max_iter, last_iter=it - 1)
+            assert optimizer.param_groups[0]["lr"] == pytest.approx(expected), (overrides, it)

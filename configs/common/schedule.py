@@ -9,7 +9,8 @@ COCO_TRAIN_IMAGES = 117266
 def step_schedule(max_iter, drop_fraction=0.8):
     """lr multiplier of `max_iter` iterations: x0.1 after `drop_fraction` of them.
 
-    Written out when the config is loaded: a config that changes `train.max_iter` calls it again.
+    detectron2's LRScheduler hook reads it at `iter / train.max_iter`, so only the fraction
+    counts: `train.max_iter=N` on the command line moves the drop to `drop_fraction * N`.
     """
     return L(MultiStepParamScheduler)(
         values=[1.0, 0.1], milestones=[int(max_iter * drop_fraction)], num_updates=max_iter
