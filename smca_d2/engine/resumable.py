@@ -136,6 +136,11 @@ class ResumableTrainLoader:
         mapper: maps a dataset dict to the model's input; may return None to skip an image.
         total_batch_size: batch size over all processes.
         aspect_ratio_grouping: batch landscape and portrait images separately, as detectron2 does.
+        size_grouping: instead, batch images whose (height, width), rounded up to a multiple of
+            this, are the same: a batch is padded to its largest image, so this pads much less
+            when the augmentations keep each image's size (the demo: flips only on images of
+            96..160 px; 1.12x the pixels of the images themselves with 16, against 1.53x with
+            the aspect-ratio grouping). Useless with random resizes (DETR's COCO recipe).
         num_workers: data-loading processes (the batches do not depend on it).
         collate_fn: applied to each list of mapped dicts (default: none).
         seed: of the shuffles and augmentations; None: a random seed shared by all processes.
@@ -149,6 +154,7 @@ class ResumableTrainLoader:
         mapper: Optional[Callable],
         total_batch_size: int,
         aspect_ratio_grouping: bool = True,
+        size_grouping: Optional[int] = None,
         num_workers: int = 0,
         collate_fn: Optional[Callable] = None,
         seed: Optional[int] = None,
@@ -160,13 +166,20 @@ class ResumableTrainLoader:
                 f"total_batch_size={total_batch_size} must be a positive multiple of the number of processes ({self.world_size})"
             )
         self.batch_size = total_batch_size // self.world_size
-        self.group_flags = None
+        positive_int = isinstance(size_grouping, (int, np.integer)) and not isinstance(size_grouping, bool)
+        if size_grouping is not None and not (positive_int and size_grouping > 0):
+            raise ValueError(f"size_grouping must be a positive number of pixels or None, got {size_grouping!r}")
+        self.group_flags = None  # the group of each image, 0..G-1
         if isinstance(dataset, list):
-            if aspect_ratio_grouping:
+            if size_grouping:
+                q = int(size_grouping)
+                sizes = np.array([(-(-d["height"] // q), -(-d["width"] // q)) for d in dataset]).reshape(-1, 2)
+                self.group_flags = np.unique(sizes, axis=0, return_inverse=True)[1].reshape(-1)
+            elif aspect_ratio_grouping:
                 self.group_flags = np.array([0 if d["width"] > d["height"] else 1 for d in dataset], dtype=np.uint8)
             dataset = DatasetFromList(dataset, copy=False)
-        elif aspect_ratio_grouping:
-            logger.warning("aspect_ratio_grouping needs a list of dataset dicts; it is off for this dataset.")
+        elif aspect_ratio_grouping or size_grouping:
+            logger.warning("Grouping images by shape needs a list of dataset dicts; it is off for this dataset.")
         self.dataset = dataset
         self.size = len(dataset)
         if self.size == 0:
@@ -208,7 +221,7 @@ class ResumableTrainLoader:
         if self.group_flags is None:
             while True:
                 yield [next(stream) for _ in range(self.batch_size)]
-        buckets = ([], [])
+        buckets = [[] for _ in range(int(self.group_flags.max()) + 1)]
         for position, index in stream:
             bucket = buckets[self.group_flags[index]]
             bucket.append((position, index))
@@ -240,18 +253,20 @@ def build_resumable_train_loader(
     mapper,
     total_batch_size: int,
     aspect_ratio_grouping: bool = True,
+    size_grouping: Optional[int] = None,
     num_workers: int = 0,
     collate_fn=None,
     seed: Optional[int] = None,
     shuffle: bool = True,
 ) -> ResumableTrainLoader:
     """Drop-in replacement of :func:`detectron2.data.build_detection_train_loader` (without a
-    custom ``sampler``) returning a :class:`ResumableTrainLoader`."""
+    custom ``sampler``) returning a :class:`ResumableTrainLoader` (which adds ``size_grouping``)."""
     return ResumableTrainLoader(
         dataset,
         mapper=mapper,
         total_batch_size=total_batch_size,
         aspect_ratio_grouping=aspect_ratio_grouping,
+        size_grouping=size_grouping,
         num_workers=num_workers,
         collate_fn=collate_fn,
         seed=seed,
