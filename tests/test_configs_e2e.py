@@ -48,7 +48,7 @@ AUGMENTATION = [
 def reduced_overrides(path, out):
     cfg = LazyConfig.load(path)
     overrides = REDUCED + [f"train.output_dir={out}"]
-    if "num_layers" in cfg.model.transformer.encoder:
+    if cfg.model.transformer.encoder.get("num_layers", 0) > 1:  # 0 (the demo) stays 0
         overrides.append("model.transformer.encoder.num_layers=1")
     if "min_sizes" in cfg.dataloader.train.mapper.augmentations:
         overrides += AUGMENTATION

@@ -45,10 +45,13 @@ def _clones(module, n):
 
 @SMCA_ENCODER_REGISTRY.register()
 class SingleScaleEncoder(nn.Module):
-    """DETR's encoder: ``num_layers`` self-attention layers over the tokens of one level."""
+    """DETR's encoder: ``num_layers`` self-attention layers over the tokens of one level (0: none,
+    the decoder attends to the projected backbone features; the CPU demo's choice)."""
 
     def __init__(self, *, num_layers=6, d_model=256, nhead=8, dim_feedforward=2048, dropout=0.1):
         super().__init__()
+        if num_layers < 0:
+            raise ValueError(f"num_layers must be >= 0, got {num_layers}")
         self.layers = _clones(EncoderLayer(d_model, nhead, dim_feedforward, dropout), num_layers)
 
     def forward(self, src, pos, key_padding_mask, level_sizes: Sequence[int]):

@@ -71,6 +71,26 @@ def test_every_config_trains_and_infers(path):
         assert (inst.pred_classes < model.num_classes).all()
 
 
+def test_encoder_free_model_trains():
+    """encoder.num_layers=0 (the CPU demo): the decoder attends to the projected backbone features."""
+    from smca_d2.modeling import SingleScaleEncoder
+
+    encoder = SingleScaleEncoder(num_layers=0, d_model=8, nhead=2, dim_feedforward=16)
+    src = torch.randn(2, 5, 8)
+    assert encoder(src, torch.randn(2, 5, 8), torch.zeros(2, 5, dtype=torch.bool), [5]) is src
+    with pytest.raises(ValueError, match="num_layers"):
+        SingleScaleEncoder(num_layers=-1)
+
+    model_cfg = shrink(load_model_cfg("smca_single_scale_r50_50ep.py"))
+    model_cfg.transformer.encoder.num_layers = 0
+    torch.manual_seed(0)
+    model = instantiate(model_cfg)
+    model.train()
+    losses = model(make_inputs([(96, 128), (64, 96)]))
+    sum(losses.values()).backward()
+    assert model.input_proj[0].weight.grad.abs().sum() > 0  # the decoder's gradient reaches the features
+
+
 def test_official_parameter_count():
     """With the official 92 class columns, single-scale R50 has the official 41,538,082 params."""
     cfg = load_model_cfg("smca_single_scale_r50_50ep.py")
