@@ -17,6 +17,7 @@ with ``train.ema.enabled=True`` a moving average of the weights is kept, evaluat
 training stops at a non-finite loss; ``--resume`` continues exactly where the last complete
 checkpoint left off. See "What happens when" in README.md.
 """
+import contextlib
 import logging
 
 import smca_d2  # noqa: F401  (compatibility fixes, registrations)
@@ -52,11 +53,11 @@ def do_test(cfg, model, test_loader=None, ema=None):
         return {}
     if test_loader is None:
         test_loader = instantiate(cfg.dataloader.test)
+    weights = contextlib.nullcontext()
     if ema is not None:
         logger.info(f"Evaluating the averaged (EMA) weights, {ema.num_updates} updates")
-        with ema.weights_in_model():
-            results = inference_on_dataset(model, test_loader, instantiate(cfg.dataloader.evaluator))
-    else:
+        weights = ema.weights_in_model()
+    with weights:
         results = inference_on_dataset(model, test_loader, instantiate(cfg.dataloader.evaluator))
     if comm.is_main_process():
         print_csv_format(results)
