@@ -21,6 +21,7 @@ from smca_d2.engine import (
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(REPO, "configs", "demo", "smca_r18_synthetic.py")
+R18_BASE = os.path.join(REPO, "configs", "common", "r18_synthetic.py")
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,7 +65,7 @@ def test_unknown_parameter_of_a_lazy_call_is_refused():
 
 
 def test_prepare_config_replaces_detectron2_data_functions():
-    cfg = LazyConfig.load(DEMO)
+    cfg = LazyConfig.load(R18_BASE)  # detectron2's dataset, mapper and loader functions
     replaced = prepare_config(cfg)
     assert set(replaced) == {
         "dataloader.train", "dataloader.train.dataset", "dataloader.test.dataset",
@@ -73,6 +74,13 @@ def test_prepare_config_replaces_detectron2_data_functions():
     assert cfg.dataloader.train._target_ == "smca_d2.engine.resumable.build_resumable_train_loader"
     assert cfg.train.strict_load is False
     assert prepare_config(cfg) == []  # idempotent
+    # The demo names smca_d2's loader itself (for its size_grouping): kept, the rest replaced.
+    from smca_d2.engine.resumable import build_resumable_train_loader
+
+    demo = LazyConfig.load(DEMO)
+    assert "dataloader.train" not in prepare_config(demo)
+    assert demo.dataloader.train._target_ is build_resumable_train_loader
+    assert demo.dataloader.train.size_grouping == 16
 
 
 # --------------------------------------------------------------------------------------------
