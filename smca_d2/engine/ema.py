@@ -16,7 +16,6 @@ With ``train.ema.enabled=True``, train_net.py
   :func:`use_ema_weights`).
 """
 import contextlib
-import logging
 from typing import Dict, Iterator, List
 
 import torch
@@ -28,7 +27,6 @@ from ..checkpoint.safe_load import EMA_KEY
 
 __all__ = ["EMA_KEY", "EMAHook", "ModelEMA", "use_ema_weights"]
 
-logger = logging.getLogger(__name__)
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model  # DistributedDataParallel
