@@ -31,6 +31,15 @@ def train_steps(model, n, seed=1):
         yield
 
 
+def trained_with_ema(steps, decay=0.5):
+    """A small model after `steps` training steps, and the average updated after each."""
+    model = small_model()
+    ema = ModelEMA(model, decay=decay)
+    for _ in train_steps(model, steps):
+        ema.update()
+    return model, ema
+
+
 def test_average_follows_the_formula():
     model = small_model()
     ema = ModelEMA(model, decay=0.9)
@@ -58,10 +67,7 @@ def test_decay_must_be_in_the_open_unit_interval():
 
 
 def test_weights_in_model_swaps_and_restores():
-    model = small_model()
-    ema = ModelEMA(model, decay=0.5)
-    for _ in train_steps(model, 5):
-        ema.update()
+    model, ema = trained_with_ema(5)
     trained = {k: v.clone() for k, v in model.state_dict().items()}
     params = [id(p) for p in model.parameters()]  # the optimizer's tensors stay the same objects
     x = torch.randn(2, 3, 8, 8)
@@ -78,10 +84,7 @@ def test_weights_in_model_swaps_and_restores():
 
 
 def test_weights_in_model_restores_after_an_error():
-    model = small_model()
-    ema = ModelEMA(model, decay=0.5)
-    for _ in train_steps(model, 3):
-        ema.update()
+    model, ema = trained_with_ema(3)
     trained = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(RuntimeError, match="boom"):
         with ema.weights_in_model():
@@ -175,10 +178,7 @@ def test_checkpoint_resume_continues_the_average(tmp_path):
 
 
 def test_checkpointer_loads_the_averaged_weights_for_inference(tmp_path, caplog):
-    model = small_model()
-    ema = ModelEMA(model, decay=0.5)
-    for _ in train_steps(model, 3):
-        ema.update()
+    model, ema = trained_with_ema(3)
     path = tmp_path / "model.pth"
     torch.save({"model": model.state_dict(), EMA_KEY: ema.state_dict()}, path)
 
