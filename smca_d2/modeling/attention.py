@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .dropout import attention
+
 SCALE_TYPES = ("fixed", "single", "independent")
 
 
@@ -78,8 +80,11 @@ class SpatiallyModulatedCoAttention(nn.Module):
 
     With several levels, attention is computed within each level (its own softmax) and the
     per-level outputs are mixed with per-query weights (SMCA's scale-selection attention).
-    Logits, bias and softmax are computed in float32 even under autocast.
+    Logits, bias and softmax are computed in float32 even under autocast. Attention dropout
+    uses the cheap CPU mask of :mod:`smca_d2.modeling.dropout` when ``fast_cpu_dropout``.
     """
+
+    fast_cpu_dropout = True
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0):
         super().__init__()
@@ -129,12 +134,12 @@ class SpatiallyModulatedCoAttention(nn.Module):
         with torch.autocast(device_type=q.device.type, enabled=False):
             q, k, v = q.float(), k.float(), v.float()
             if len(level_sizes) == 1:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=biases[0], dropout_p=dropout_p)
+                out = attention(q, k, v, biases[0], dropout_p, self.fast_cpu_dropout)
             else:
                 out = 0
                 ks, vs = k.split(level_sizes, dim=2), v.split(level_sizes, dim=2)
                 for level, (k_l, v_l, bias) in enumerate(zip(ks, vs, biases)):
-                    out_l = F.scaled_dot_product_attention(q, k_l, v_l, attn_mask=bias, dropout_p=dropout_p)
+                    out_l = attention(q, k_l, v_l, bias, dropout_p, self.fast_cpu_dropout)
                     out = out + out_l * level_weights[:, None, :, level, None].float()
         out = out.transpose(1, 2).flatten(2).to(query.dtype)
         return self.out_proj(out)

@@ -13,6 +13,7 @@ from .attention import (
     padding_bias,
     scale_channels,
 )
+from .dropout import Dropout, MultiheadAttention
 
 SMCA_DECODER_REGISTRY = Registry("SMCA_DECODER")
 SMCA_DECODER_REGISTRY.__doc__ = "Transformer decoders of SMCA-DETR (called with keyword args)."
@@ -66,17 +67,17 @@ class DecoderLayer(nn.Module):
         self.nhead = nhead
         self.num_levels = num_levels
         self.modulate = modulate
-        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
         self.multihead_attn = SpatiallyModulatedCoAttention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
-        self.dropout1 = nn.Dropout(dropout)
-        self.dropout2 = nn.Dropout(dropout)
-        self.dropout3 = nn.Dropout(dropout)
+        self.dropout1 = Dropout(dropout)
+        self.dropout2 = Dropout(dropout)
+        self.dropout3 = Dropout(dropout)
 
         self.num_scales = scale_channels(scale_type)
         self.point1 = MLP(d_model, d_model, 2, 3) if predict_center else None

@@ -1,0 +1,158 @@
+"""Dropout with cheap random masks on the CPU.
+
+On the CPU, torch draws a dropout mask one element at a time from its Mersenne Twister (and takes
+the vectorized MKL path only on Intel processors), which makes dropout's random numbers about a
+seventh of an R50 SMCA training step. Here the mask comes from 16-bit slices of NumPy's SFC64
+generator instead (four mask elements per 64-bit draw, a tight C loop), seeded for every call
+from torch's default generator, so that ``torch.manual_seed`` (and Detectron2's ``seed_all_rng``)
+still make training reproducible.
+
+The result is dropout in distribution: each element is kept independently with probability
+``1 - t / 65536``, ``t = round(p * 65536)`` (within 8e-6 of ``1 - p``), and kept elements are
+scaled by the inverse of that probability, so the expectation is exact. Only the random stream
+differs from ``torch.nn.functional.dropout``. Other devices (CUDA draws its masks with a
+vectorized Philox) use torch's dropout unchanged.
+
+Modules that drop out (:class:`Dropout`, :class:`MultiheadAttention` and the co-attention) carry
+a ``fast_cpu_dropout`` attribute; :func:`set_fast_cpu_dropout` sets it on a whole model.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_LEVELS = 1 << 16
+
+
+def _threshold(p: float) -> int:
+    return min(max(round(p * _LEVELS), 0), _LEVELS)
+
+
+def drop_mask(shape, p: float) -> torch.Tensor:
+    """A bool CPU tensor of ``shape``, each element True (dropped) with probability ``p`` (to
+    2^-16). One int64 seed is drawn from torch's default CPU generator per call.
+    """
+    with torch.profiler.record_function("smca_d2::drop_mask"):
+        n = math.prod(shape)
+        seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+        words = np.random.SFC64(seed).random_raw((n + 3) // 4)
+        # Uniform uint16 read as int16 is uniform on [-32768, 32767]: P(s < t - 32768) = t / 65536.
+        bits = torch.from_numpy(words.view(np.int16)[:n]).view(shape)
+        return bits < _threshold(p) - (_LEVELS >> 1)
+
+
+class _DropAndScale(torch.autograd.Function):
+    """``x`` with the ``drop`` elements zeroed and the others multiplied by ``scale``; keeps only
+    the bool mask for backward, like torch's dropout."""
+
+    @staticmethod
+    def forward(ctx, x, drop, scale):
+        ctx.save_for_backward(drop)
+        ctx.scale = scale
+        return x.masked_fill(drop, 0).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (drop,) = ctx.saved_tensors
+        return grad.masked_fill(drop, 0).mul_(ctx.scale), None, None
+
+
+def uses_fast_dropout(x: torch.Tensor, p: float, training: bool, fast: bool = True) -> bool:
+    """Whether :func:`dropout` takes the cheap-mask path for ``x``."""
+    return fast and training and p > 0 and x.device.type == "cpu"
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True, fast: bool = True) -> torch.Tensor:
+    """``F.dropout(x, p, training)``, with the cheap CPU mask when ``fast`` (see the module doc)."""
+    if not uses_fast_dropout(x, p, training, fast):
+        return F.dropout(x, p, training)
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, got {p}")
+    t = _threshold(p)
+    if t == _LEVELS:
+        return x * 0.0
+    return _DropAndScale.apply(x, drop_mask(x.shape, p), _LEVELS / (_LEVELS - t))
+
+
+class Dropout(nn.Dropout):
+    """:class:`torch.nn.Dropout` with the cheap CPU mask (``fast_cpu_dropout``, default True)."""
+
+    fast_cpu_dropout = True
+
+    def forward(self, x):
+        if self.inplace:
+            return super().forward(x)
+        return dropout(x, self.p, self.training, self.fast_cpu_dropout)
+
+
+def attention(q, k, v, bias=None, dropout_p: float = 0.0, fast: bool = True):
+    """Scaled dot-product attention ``softmax(q k^T / sqrt(d) + bias) v`` over ``[..., L, d]``.
+
+    ``F.scaled_dot_product_attention``, except when its dropout would draw a mask on the CPU:
+    then the attention weights are computed explicitly (as SDPA's own CPU path with dropout does)
+    and dropped out with :func:`dropout`. ``dropout_p`` > 0 means training.
+    """
+    if not uses_fast_dropout(q, dropout_p, True, fast):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+    logits = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits.add_(bias)
+    return dropout(logits.softmax(-1), dropout_p) @ v
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    """:class:`torch.nn.MultiheadAttention` (same parameters, initialization and results) whose
+    attention-weight dropout uses the cheap CPU mask in training (``fast_cpu_dropout``).
+
+    The cheap path supports what SMCA's encoder and decoder use: ``batch_first``, no
+    ``attn_mask``, ``need_weights=False``; anything else goes to the parent class.
+    """
+
+    fast_cpu_dropout = True
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None, **kwargs):
+        fast = (
+            self.batch_first
+            and not need_weights
+            and attn_mask is None
+            and not kwargs
+            and self._qkv_same_embed_dim
+            and self.in_proj_bias is not None
+            and self.bias_k is None
+            and uses_fast_dropout(query, self.dropout, self.training, self.fast_cpu_dropout)
+        )
+        if not fast:
+            return super().forward(
+                query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                attn_mask=attn_mask, **kwargs,
+            )
+        return self._project_and_attend(query, key, value, key_padding_mask, self.dropout), None
+
+    def _project_and_attend(self, query, key, value, key_padding_mask, dropout_p):
+        c, h = self.embed_dim, self.num_heads
+        w, b = self.in_proj_weight, self.in_proj_bias
+        if query is key:  # self-attention with positions: one product for q and k
+            q, k = F.linear(query, w[: 2 * c], b[: 2 * c]).chunk(2, dim=-1)
+        else:
+            q, k = F.linear(query, w[:c], b[:c]), F.linear(key, w[c : 2 * c], b[c : 2 * c])
+        v = F.linear(value, w[2 * c :], b[2 * c :])
+
+        def heads(x):
+            return x.unflatten(-1, (h, c // h)).transpose(1, 2)
+
+        bias = None
+        if key_padding_mask is not None:
+            bias = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
+            bias = bias.masked_fill_(key_padding_mask, float("-inf"))[:, None, None, :]
+        out = attention(heads(q), heads(k), heads(v), bias, dropout_p, self.fast_cpu_dropout)
+        return self.out_proj(out.transpose(1, 2).flatten(2))
+
+
+def set_fast_cpu_dropout(model: nn.Module, enabled: bool) -> nn.Module:
+    """Turn the cheap CPU dropout mask on or off in every module of ``model`` that has one."""
+    for module in model.modules():
+        if hasattr(type(module), "fast_cpu_dropout"):
+            module.fast_cpu_dropout = enabled
+    return model

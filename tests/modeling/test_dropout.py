@@ -1,0 +1,171 @@
+"""The cheap CPU dropout masks (smca_d2.modeling.dropout): the same dropout in distribution as
+torch's, reproducible under torch.manual_seed, and the same attention as torch's modules."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smca_d2.modeling.dropout import (
+    Dropout,
+    MultiheadAttention,
+    attention,
+    drop_mask,
+    dropout,
+    set_fast_cpu_dropout,
+)
+
+SCALE = 65536 / (65536 - 6554)  # p = 0.1 is dropped with probability 6554 / 65536
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_drop_rate_and_expectation(p):
+    torch.manual_seed(0)
+    x = torch.ones(1_000_000)
+    y = dropout(x, p)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - p) < 0.002  # 5 standard deviations at p = 0.5
+    assert abs(y.mean().item() - 1.0) < 0.01  # kept elements are scaled by 1 / (1 - p)
+    values = y.unique().tolist()
+    assert values[0] == 0.0 and values[1:] == [pytest.approx(65536 / (65536 - round(p * 65536)))]
+
+
+def test_mask_bits_are_independent_of_position():
+    # The four 16-bit slices of each 64-bit draw must each be uniform: a wrong slicing or view
+    # would show up as a different drop rate at one of the four positions.
+    torch.manual_seed(0)
+    drop = drop_mask((400_000, 4), 0.25)
+    rates = drop.float().mean(0)
+    assert torch.all((rates - 0.25).abs() < 0.005), rates
+
+
+def test_gradient_is_the_mask_times_the_scale():
+    torch.manual_seed(0)
+    x = torch.randn(300, 70, requires_grad=True)
+    y = dropout(x, 0.1)
+    y.backward(torch.full_like(y, 2.0))
+    kept = y != 0
+    assert torch.equal(x.grad, kept.float() * 2.0 * SCALE)
+    assert torch.allclose(y[kept], x.detach()[kept] * SCALE)
+
+
+def test_reproducible_under_manual_seed_and_fresh_per_call():
+    torch.manual_seed(3)
+    a, b = drop_mask((64, 33), 0.5), drop_mask((64, 33), 0.5)
+    torch.manual_seed(3)
+    a2 = drop_mask((64, 33), 0.5)
+    assert torch.equal(a, a2)
+    assert not torch.equal(a, b)
+
+
+def test_identity_and_edge_cases():
+    x = torch.randn(10, 10)
+    assert dropout(x, 0.1, training=False) is x
+    assert torch.equal(dropout(x, 0.0), x)
+    assert torch.equal(dropout(x, 1.0), torch.zeros_like(x))
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        dropout(x, 1.5)
+    # fast=False and other devices: torch's own dropout, same random stream
+    torch.manual_seed(5)
+    ref = F.dropout(x, 0.3, True)
+    torch.manual_seed(5)
+    assert torch.equal(dropout(x, 0.3, fast=False), ref)
+
+
+def test_dropout_module():
+    m = Dropout(0.2)
+    x = torch.randn(50, 40)
+    assert torch.equal(m.eval()(x), x)
+    m.train()
+    torch.manual_seed(1)
+    y = m(x)
+    torch.manual_seed(1)
+    assert torch.equal(y, dropout(x, 0.2))
+    m.fast_cpu_dropout = False
+    torch.manual_seed(1)
+    assert torch.equal(m(x), (torch.manual_seed(1), F.dropout(x, 0.2, True))[1])
+    assert "p=0.2" in repr(m)
+
+
+def _reference_attention(q, k, v, bias, drop, scale):
+    w = (q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5 + bias).softmax(-1)
+    return w.masked_fill(drop, 0) * scale @ v
+
+
+def test_attention_with_dropout_is_the_explicit_formula():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 7, 16, generator=g)
+    k, v = torch.randn(2, 4, 9, 16, generator=g), torch.randn(2, 4, 9, 16, generator=g)
+    bias = torch.randn(2, 1, 7, 9, generator=g)
+    bias[1, :, :, -3:] = float("-inf")
+    torch.manual_seed(7)
+    out = attention(q, k, v, bias, dropout_p=0.1)
+    torch.manual_seed(7)
+    drop = drop_mask((2, 4, 7, 9), 0.1)
+    assert torch.allclose(out, _reference_attention(q, k, v, bias, drop, SCALE), atol=1e-6)
+    # without dropout: scaled_dot_product_attention itself
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    assert torch.equal(attention(q, k, v, bias, dropout_p=0.0), ref)
+
+
+def _pair(dropout_p):
+    torch.manual_seed(0)
+    ours = MultiheadAttention(32, 4, dropout=dropout_p, batch_first=True)
+    torch.manual_seed(0)
+    theirs = nn.MultiheadAttention(32, 4, dropout=dropout_p, batch_first=True)
+    return ours, theirs
+
+
+def test_multihead_attention_matches_torch():
+    ours, theirs = _pair(0.1)
+    # same parameters, initialization and state-dict keys
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()):
+        assert torch.equal(a, b)
+    g = torch.Generator().manual_seed(1)
+    x, v = torch.randn(2, 10, 32, generator=g), torch.randn(2, 10, 32, generator=g)
+    pad = torch.zeros(2, 10, dtype=torch.bool)
+    pad[1, 6:] = True
+    # eval, and the cheap path's own computation without dropout: torch's results
+    ours.eval(), theirs.eval()
+    ref = theirs(x, x, v, key_padding_mask=pad, need_weights=False)[0]
+    assert torch.equal(ours(x, x, v, key_padding_mask=pad, need_weights=False)[0], ref)
+    assert torch.allclose(ours._project_and_attend(x, x, v, pad, 0.0), ref, atol=1e-6)
+    assert torch.allclose(ours._project_and_attend(x, x.clone(), v, pad, 0.0), ref, atol=1e-6)
+    # training with dropout: the explicit formula with the seeded mask
+    ours.train()
+    torch.manual_seed(4)
+    out, weights = ours(x, x, v, key_padding_mask=pad, need_weights=False)
+    assert weights is None
+    torch.manual_seed(4)
+    drop = drop_mask((2, 4, 10, 10), 0.1)
+    c, w, b = 32, ours.in_proj_weight, ours.in_proj_bias
+
+    def heads(t):
+        return t.view(2, 10, 4, 8).transpose(1, 2)
+
+    q, k, vv = (heads(F.linear(t, w[i * c : (i + 1) * c], b[i * c : (i + 1) * c])) for i, t in enumerate((x, x, v)))
+    bias = torch.zeros(2, 1, 1, 10).masked_fill(pad[:, None, None, :], float("-inf"))
+    manual = ours.out_proj(_reference_attention(q, k, vv, bias, drop, SCALE).transpose(1, 2).flatten(2))
+    assert torch.allclose(out, manual, atol=1e-6)
+    # need_weights (or torch's dropout): torch's module, torch's random stream
+    torch.manual_seed(4)
+    a = ours(x, x, v, key_padding_mask=pad, need_weights=True)
+    torch.manual_seed(4)
+    b_ = theirs.train()(x, x, v, key_padding_mask=pad, need_weights=True)
+    assert torch.equal(a[0], b_[0]) and torch.equal(a[1], b_[1])
+
+
+def test_set_fast_cpu_dropout_reaches_every_module():
+    import os
+
+    from detectron2.config import instantiate
+
+    from smca_d2.engine import load_config
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cfg = load_config(os.path.join(repo, "configs", "common", "r18_synthetic.py"), ["model.fast_cpu_dropout=False"])
+    model = instantiate(cfg.model)
+    flags = [m.fast_cpu_dropout for m in model.modules() if hasattr(type(m), "fast_cpu_dropout")]
+    assert len(flags) > 5 and not any(flags)
+    set_fast_cpu_dropout(model, True)
+    assert all(m.fast_cpu_dropout for m in model.modules() if hasattr(type(m), "fast_cpu_dropout"))
