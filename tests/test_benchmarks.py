@@ -176,6 +176,9 @@ def test_speed_benchmark_ours_small(tmp_path):
     assert r["scaling"]["queries"][0]["num_queries"] == 20
     assert "where the time goes" in run.stdout and "| inference | 64x96 | fp32 |" in run.stdout
     assert "| inference, optimized | 64x96 | fp32 |" in run.stdout
+    # ours also trained with torch's dropout masks (model.fast_cpu_dropout=False), side by side
+    assert r["single_scale"]["train"][0]["ours_torch_dropout"]["s_per_iter"] > 0
+    assert "torch's dropout masks" in run.stdout
     (eq,) = [d for k, d in r["single_scale"]["equal_outputs"].items() if "batch 2" in k]
     assert eq["pass"] and eq["layers"] == 6
     assert (tmp_path / "speed.png").stat().st_size > 1000
