@@ -175,6 +175,28 @@ def max_iter_of(config: str, opts: Sequence[str]) -> int:
     return int(load_config(config, list(opts)).train.max_iter)
 
 
+def check_overrides(args) -> Dict[Tuple[str, str], int]:
+    """``train.max_iter`` of every run, with the overrides applied, before anything is trained.
+
+    An override that a run to be trained does not accept stops the benchmark here, not after
+    the runs before it have trained. Runs only reported (left out by ``--models``) whose config
+    does not accept the overrides were not made with them, and are left out of the report.
+    """
+    from smca_d2.engine.config import UnknownConfigKeyError
+
+    max_iters = OrderedDict()
+    for (dataset, model), config in args.all_runs.items():
+        try:
+            max_iters[(dataset, model)] = max_iter_of(config, args.opts)
+        except UnknownConfigKeyError as e:
+            if (dataset, model) in args.runs and not args.plot_only:
+                raise SystemExit(f"{dataset}/{model} ({os.path.relpath(config, ROOT)}): {e}\n"
+                                 "Leave this model out with --models, or change its config file.")
+            print(f"note: {dataset}/{model} not reported: its config does not take the overrides",
+                  file=sys.stderr)
+    return max_iters
+
+
 def summarize(runs: List[dict]) -> Dict[str, dict]:
     """Per dataset and model: mean curve over seeds and the comparison with the baseline."""
     summary: Dict[str, dict] = OrderedDict()
@@ -273,14 +295,17 @@ def main(argv=None) -> dict:
     sys.path.insert(0, ROOT)
     import smca_d2  # noqa: F401  (registers the datasets)
 
+    max_iters = check_overrides(args)
     os.makedirs(args.output, exist_ok=True)
     results = []
     for (dataset, model), config in args.all_runs.items():
+        if (dataset, model) not in max_iters:
+            continue
         train_now = (dataset, model) in args.runs and not args.plot_only
         for seed in args.seeds:
             out_dir = os.path.abspath(os.path.join(args.output, dataset, model, f"seed{seed}"))
             metrics = os.path.join(out_dir, "metrics.json")
-            max_iter = max_iter_of(config, args.opts)
+            max_iter = max_iters[(dataset, model)]
             evaluations, last_iter, _ = read_curve(metrics, max_iter)
             done = bool(evaluations) and evaluations[-1]["iter"] == max_iter
             wall = None

@@ -89,6 +89,22 @@ def test_convergence_argument_errors(convergence, tmp_path):
     assert list(args.runs) == [("synthetic", "detr_baseline")] and args.opts == ["train.max_iter=3"]
 
 
+def test_convergence_checks_overrides_before_training(convergence, tmp_path, monkeypatch):
+    # The multi-scale encoder has no num_layers: training the three models with this override
+    # must stop before the first run trains, not after it (a 13-minute loss on the trees).
+    trained = []
+    monkeypatch.setattr(convergence, "run_one", lambda *a, **k: trained.append(a) or 0.0)
+    override = "model.transformer.encoder.num_layers=0"
+    with pytest.raises(SystemExit, match="(?s)smca_multi_scale.*encoder.num_layers"):
+        convergence.main(["--datasets", "synthetic", "--output", str(tmp_path), override])
+    assert trained == []
+    # Left out with --models, the multi-scale run is only left out of the report.
+    args = convergence.parse_args(["--datasets", "synthetic", "--models", "smca_single_scale", "detr_baseline",
+                                   "--output", str(tmp_path), override])
+    assert list(convergence.check_overrides(args)) == [("synthetic", "smca_single_scale"),
+                                                       ("synthetic", "detr_baseline")]
+
+
 @pytest.mark.slow
 def test_convergence_end_to_end(tmp_path):
     """Two models, 4 iterations, evaluated every 2: JSON, plot and table; a second run reuses the
