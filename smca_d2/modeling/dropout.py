@@ -107,7 +107,8 @@ class MultiheadAttention(nn.MultiheadAttention):
     attention-weight dropout uses the cheap CPU mask in training (``fast_cpu_dropout``).
 
     The cheap path supports what SMCA's encoder and decoder use: ``batch_first``, no
-    ``attn_mask``, ``need_weights=False``; anything else goes to the parent class.
+    ``attn_mask``, a bool ``key_padding_mask`` or none, ``need_weights=False``; anything else goes
+    to the parent class.
     """
 
     fast_cpu_dropout = True
@@ -117,6 +118,7 @@ class MultiheadAttention(nn.MultiheadAttention):
             self.batch_first
             and not need_weights
             and attn_mask is None
+            and (key_padding_mask is None or key_padding_mask.dtype == torch.bool)
             and not kwargs
             and self._qkv_same_embed_dim
             and self.in_proj_bias is not None

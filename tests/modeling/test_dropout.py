@@ -153,6 +153,12 @@ def test_multihead_attention_matches_torch():
     torch.manual_seed(4)
     b_ = theirs.train()(x, x, v, key_padding_mask=pad, need_weights=True)
     assert torch.equal(a[0], b_[0]) and torch.equal(a[1], b_[1])
+    # a float key_padding_mask (added to the logits) also goes to torch's module
+    float_pad = torch.zeros(2, 10).masked_fill(pad, float("-inf"))
+    torch.manual_seed(4)
+    a = ours(x, x, v, key_padding_mask=float_pad, need_weights=False)[0]
+    torch.manual_seed(4)
+    assert torch.equal(a, theirs(x, x, v, key_padding_mask=float_pad, need_weights=False)[0])
 
 
 def test_set_fast_cpu_dropout_reaches_every_module():
