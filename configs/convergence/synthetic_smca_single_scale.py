@@ -1,9 +1,18 @@
 # Convergence benchmark (benchmarks/convergence.py), generated shapes: the small R18 of
-# configs/common/r18_synthetic.py (from scratch, trainable BN, res4, narrow transformer), a
-# shorter schedule and evaluation every 100 iterations. The multi-scale and baseline configs next
-# to this file differ only in the model.
+# configs/common/r18_synthetic.py (from scratch, trainable BN, narrow transformer) with the model
+# changes of the demo (configs/demo/smca_r18_synthetic.py, measured there): res3 features
+# (stride 8), no encoder layer, no dropout, lr 3e-4, channels-last backbone; a shorter schedule
+# and evaluation every 100 iterations. The multi-scale and baseline configs next to this file
+# differ only in the model.
 from ..common.r18_synthetic import dataloader, model, optimizer, train
 from ..common.schedule import step_schedule
+
+model.backbone.out_features = ["res3"]
+model.in_features = ["res3"]
+model.transformer.encoder.num_layers = 0
+model.transformer.decoder.dropout = 0.0
+model.channels_last = True
+optimizer.lr = 3e-4
 
 train.max_iter = 1000
 train.eval_period = 100
