@@ -7,6 +7,9 @@ For query q, head h and feature cell (i, j) of a level, SMCA adds
 to the attention logits before the softmax, where (cx, cy) is the head's predicted center in
 feature cells of that level. The bias is built once per layer and level, directly in the
 ``[B, heads, Q, H*W]`` layout that attention consumes, in float32.
+
+Also the encoder's and decoder's self-attention (:class:`MultiheadAttention`), whose dropout, like
+the co-attention's, draws the cheap CPU masks of :mod:`smca_d2.modeling.dropout`.
 """
 from typing import List, Optional
 
@@ -14,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dropout import attention
+from .dropout import attention, uses_fast_dropout
 
 SCALE_TYPES = ("fixed", "single", "independent")
 
@@ -143,3 +146,50 @@ class SpatiallyModulatedCoAttention(nn.Module):
                     out = out + out_l * level_weights[:, None, :, level, None].float()
         out = out.transpose(1, 2).flatten(2).to(query.dtype)
         return self.out_proj(out)
+
+
+class MultiheadAttention(nn.MultiheadAttention):
+    """:class:`torch.nn.MultiheadAttention` (same parameters, initialization and results) whose
+    attention-weight dropout uses the cheap CPU mask in training (``fast_cpu_dropout``).
+
+    The cheap path supports what SMCA's encoder and decoder use: ``batch_first``, no
+    ``attn_mask``, a bool ``key_padding_mask`` or none, ``need_weights=False``; anything else goes
+    to the parent class.
+    """
+
+    fast_cpu_dropout = True
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None, **kwargs):
+        fast = (
+            self.batch_first
+            and not need_weights
+            and attn_mask is None
+            and (key_padding_mask is None or key_padding_mask.dtype == torch.bool)
+            and not kwargs
+            and self._qkv_same_embed_dim
+            and self.in_proj_bias is not None
+            and self.bias_k is None
+            and uses_fast_dropout(query, self.dropout, self.training, self.fast_cpu_dropout)
+        )
+        if not fast:
+            return super().forward(
+                query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                attn_mask=attn_mask, **kwargs,
+            )
+        return self._project_and_attend(query, key, value, key_padding_mask, self.dropout), None
+
+    def _project_and_attend(self, query, key, value, key_padding_mask, dropout_p):
+        c, h = self.embed_dim, self.num_heads
+        w, b = self.in_proj_weight, self.in_proj_bias
+        if query is key:  # self-attention with positions: one product for q and k
+            q, k = F.linear(query, w[: 2 * c], b[: 2 * c]).chunk(2, dim=-1)
+        else:
+            q, k = F.linear(query, w[:c], b[:c]), F.linear(key, w[c : 2 * c], b[c : 2 * c])
+        v = F.linear(value, w[2 * c :], b[2 * c :])
+
+        def heads(x):
+            return x.unflatten(-1, (h, c // h)).transpose(1, 2)
+
+        bias = None if key_padding_mask is None else padding_bias(key_padding_mask, 1)
+        out = attention(heads(q), heads(k), heads(v), bias, dropout_p, self.fast_cpu_dropout)
+        return self.out_proj(out.transpose(1, 2).flatten(2))

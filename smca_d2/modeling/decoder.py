@@ -8,12 +8,13 @@ from torch import nn
 from detectron2.utils.registry import Registry
 
 from .attention import (
+    MultiheadAttention,
     SpatiallyModulatedCoAttention,
     gaussian_log_weights,
     padding_bias,
     scale_channels,
 )
-from .dropout import Dropout, MultiheadAttention
+from .dropout import Dropout
 
 SMCA_DECODER_REGISTRY = Registry("SMCA_DECODER")
 SMCA_DECODER_REGISTRY.__doc__ = "Transformer decoders of SMCA-DETR (called with keyword args)."

@@ -13,8 +13,8 @@ scaled by the inverse of that probability, so the expectation is exact. Only the
 differs from ``torch.nn.functional.dropout``. Other devices (CUDA draws its masks with a
 vectorized Philox) use torch's dropout unchanged.
 
-Modules that drop out (:class:`Dropout`, :class:`MultiheadAttention` and the co-attention) carry
-a ``fast_cpu_dropout`` attribute; :func:`set_fast_cpu_dropout` sets it on a whole model.
+Modules that drop out (:class:`Dropout`, and in :mod:`smca_d2.modeling.attention` the
+self-attention and the co-attention) carry a ``fast_cpu_dropout`` attribute; :func:`set_fast_cpu_dropout` sets it on a whole model.
 """
 import math
 
@@ -27,7 +27,7 @@ _LEVELS = 1 << 16
 
 
 def _threshold(p: float) -> int:
-    return min(max(round(p * _LEVELS), 0), _LEVELS)
+    return round(p * _LEVELS)
 
 
 def drop_mask(shape, p: float) -> torch.Tensor:
@@ -100,56 +100,6 @@ def attention(q, k, v, bias=None, dropout_p: float = 0.0, fast: bool = True):
     if bias is not None:
         logits = logits.add_(bias)
     return dropout(logits.softmax(-1), dropout_p) @ v
-
-
-class MultiheadAttention(nn.MultiheadAttention):
-    """:class:`torch.nn.MultiheadAttention` (same parameters, initialization and results) whose
-    attention-weight dropout uses the cheap CPU mask in training (``fast_cpu_dropout``).
-
-    The cheap path supports what SMCA's encoder and decoder use: ``batch_first``, no
-    ``attn_mask``, a bool ``key_padding_mask`` or none, ``need_weights=False``; anything else goes
-    to the parent class.
-    """
-
-    fast_cpu_dropout = True
-
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None, **kwargs):
-        fast = (
-            self.batch_first
-            and not need_weights
-            and attn_mask is None
-            and (key_padding_mask is None or key_padding_mask.dtype == torch.bool)
-            and not kwargs
-            and self._qkv_same_embed_dim
-            and self.in_proj_bias is not None
-            and self.bias_k is None
-            and uses_fast_dropout(query, self.dropout, self.training, self.fast_cpu_dropout)
-        )
-        if not fast:
-            return super().forward(
-                query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
-                attn_mask=attn_mask, **kwargs,
-            )
-        return self._project_and_attend(query, key, value, key_padding_mask, self.dropout), None
-
-    def _project_and_attend(self, query, key, value, key_padding_mask, dropout_p):
-        c, h = self.embed_dim, self.num_heads
-        w, b = self.in_proj_weight, self.in_proj_bias
-        if query is key:  # self-attention with positions: one product for q and k
-            q, k = F.linear(query, w[: 2 * c], b[: 2 * c]).chunk(2, dim=-1)
-        else:
-            q, k = F.linear(query, w[:c], b[:c]), F.linear(key, w[c : 2 * c], b[c : 2 * c])
-        v = F.linear(value, w[2 * c :], b[2 * c :])
-
-        def heads(x):
-            return x.unflatten(-1, (h, c // h)).transpose(1, 2)
-
-        bias = None
-        if key_padding_mask is not None:
-            bias = torch.zeros(key_padding_mask.shape, dtype=q.dtype, device=q.device)
-            bias = bias.masked_fill_(key_padding_mask, float("-inf"))[:, None, None, :]
-        out = attention(heads(q), heads(k), heads(v), bias, dropout_p, self.fast_cpu_dropout)
-        return self.out_proj(out.transpose(1, 2).flatten(2))
 
 
 def set_fast_cpu_dropout(model: nn.Module, enabled: bool) -> nn.Module:

@@ -8,7 +8,8 @@ from torch import nn
 
 from detectron2.utils.registry import Registry
 
-from .dropout import Dropout, MultiheadAttention
+from .attention import MultiheadAttention
+from .dropout import Dropout
 
 SMCA_ENCODER_REGISTRY = Registry("SMCA_ENCODER")
 SMCA_ENCODER_REGISTRY.__doc__ = "Transformer encoders of SMCA-DETR (called with keyword args)."

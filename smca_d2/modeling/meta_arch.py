@@ -74,7 +74,8 @@ class SMCADETR(nn.Module):
             fast_cpu_dropout: in training on the CPU, draw the transformer's dropout masks from
                 NumPy's SFC64 generator seeded by torch's (:mod:`smca_d2.modeling.dropout`):
                 the same dropout in distribution, a different random stream, and a faster
-                training step (R50 at 800x1066 on 2 CPU cores: 7.3 -> 6.5 s). False: ``torch.nn.functional.dropout``'s masks.
+                training step (R50 at 800x1066 on 2 CPU cores: 7.3 -> 6.5 s). False: the masks
+                of ``torch.nn.functional.dropout``.
         """
         super().__init__()
         self.backbone = backbone

@@ -5,14 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smca_d2.modeling.dropout import (
-    Dropout,
-    MultiheadAttention,
-    attention,
-    drop_mask,
-    dropout,
-    set_fast_cpu_dropout,
-)
+from conftest import REPO
+from smca_d2.modeling.attention import MultiheadAttention
+from smca_d2.modeling.dropout import Dropout, attention, drop_mask, dropout, set_fast_cpu_dropout
 
 SCALE = 65536 / (65536 - 6554)  # p = 0.1 is dropped with probability 6554 / 65536
 
@@ -168,8 +163,7 @@ def test_set_fast_cpu_dropout_reaches_every_module():
 
     from smca_d2.engine import load_config
 
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    cfg = load_config(os.path.join(repo, "configs", "common", "r18_synthetic.py"), ["model.fast_cpu_dropout=False"])
+    cfg = load_config(os.path.join(REPO, "configs", "common", "r18_synthetic.py"), ["model.fast_cpu_dropout=False"])
     model = instantiate(cfg.model)
     flags = [m.fast_cpu_dropout for m in model.modules() if hasattr(type(m), "fast_cpu_dropout")]
     assert len(flags) > 5 and not any(flags)
