@@ -20,9 +20,11 @@ checkpoint left off. See "What happens when" in README.md.
 import contextlib
 import logging
 
+import torch
+
 import smca_d2  # noqa: F401  (compatibility fixes, registrations)
 from detectron2.config import instantiate
-from detectron2.engine import AMPTrainer, SimpleTrainer, default_argument_parser, default_setup
+from detectron2.engine import SimpleTrainer, default_argument_parser, default_setup
 from detectron2.engine import default_writers, hooks
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
@@ -32,11 +34,13 @@ from smca_d2.checkpoint import EMA_KEY, SafeCheckpointer
 from smca_d2.compat import create_ddp_model, launch
 from smca_d2.modeling import optimize_for_inference
 from smca_d2.engine import (
+    AMPTrainer,
     DeterministicSteps,
     EMAHook,
     ModelEMA,
     NonFiniteLossCheck,
     check_config_datasets,
+    amp_dtype,
     check_device,
     check_num_classes,
     keep_freed_cpu_memory_as_configured,
@@ -76,7 +80,16 @@ def do_train(args, cfg):
     optimizer = instantiate(cfg.optimizer)
 
     model = create_ddp_model(model, **cfg.train.ddp)
-    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optimizer)
+    if cfg.train.amp.enabled:
+        trainer = AMPTrainer(
+            model,
+            train_loader,
+            optimizer,
+            device_type=torch.device(cfg.train.device).type,
+            precision=cfg.train.amp.get("precision"),
+        )
+    else:
+        trainer = SimpleTrainer(model, train_loader, optimizer)
     ema = ModelEMA(model, cfg.train.ema.decay) if use_ema_weights(cfg) else None
     checkpointer = SafeCheckpointer(
         model,
@@ -112,6 +125,8 @@ def do_train(args, cfg):
 def main(args):
     cfg = load_config(args.config_file, args.opts)
     check_device(cfg.train.device)
+    if cfg.train.amp.enabled:
+        amp_dtype(torch.device(cfg.train.device).type, cfg.train.amp.get("precision"))
     check_config_datasets(cfg, splits=("test",) if args.eval_only else ("train", "test"))
     default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, comm.get_rank(), name="smca_d2", abbrev_name="smca")

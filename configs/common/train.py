@@ -3,7 +3,9 @@ train = dict(
     output_dir="./output",
     init_checkpoint="",
     max_iter=90000,
-    amp=dict(enabled=False),
+    # Mixed precision (smca_d2/engine/amp.py): precision None is float16 on CUDA, bfloat16 on
+    # the CPU; or "float16" / "bfloat16".
+    amp=dict(enabled=False, precision=None),
     ddp=dict(broadcast_buffers=False, find_unused_parameters=False, fp16_compression=False),
     checkpointer=dict(period=5000, max_to_keep=100),
     # Exponential moving average of the weights (smca_d2/engine/ema.py): updated every iteration,

@@ -1,4 +1,5 @@
 """Checks and helpers used by train_net.py."""
+from .amp import AMPTrainer, amp_dtype
 from .checks import check_device, check_num_classes
 from .config import (
     UnknownConfigKeyError,
@@ -13,6 +14,7 @@ from .hooks import DeterministicSteps, NonFiniteLossCheck, NonFiniteLossError
 from .resumable import ResumableTrainLoader, build_resumable_train_loader
 
 __all__ = [
+    "AMPTrainer",
     "DeterministicSteps",
     "EMAHook",
     "ModelEMA",
@@ -20,6 +22,7 @@ __all__ = [
     "NonFiniteLossError",
     "ResumableTrainLoader",
     "UnknownConfigKeyError",
+    "amp_dtype",
     "build_resumable_train_loader",
     "check_config_datasets",
     "check_device",

@@ -192,16 +192,16 @@ def test_model_with_nan_weights_is_not_saved(tmp_path):
 
 def test_trainer_state_with_amp_grad_scaler_round_trips(tmp_path):
     """Resume restores the iteration, the optimizer and the AMP grad scaler (AMPTrainer's state)."""
-    from detectron2.engine import AMPTrainer
+    from smca_d2.engine import AMPTrainer
 
     def trainer(scale=None):
         model = Net()
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
-        scaler = torch.amp.GradScaler("cpu")
-        scaler.scale(torch.ones(()))  # creates the scale tensor
+        amp = AMPTrainer(model, [None], optimizer, device_type="cpu", precision="float16")
+        amp.grad_scaler.scale(torch.ones(()))  # creates the scale tensor
         if scale is not None:
-            scaler.update(new_scale=scale)
-        return AMPTrainer(model, [None], optimizer, grad_scaler=scaler), model, optimizer
+            amp.grad_scaler.update(new_scale=scale)
+        return amp, model, optimizer
 
     first, model, optimizer = trainer(scale=1234.0)
     model.head(model.body(torch.ones(2, 4))).sum().backward()
