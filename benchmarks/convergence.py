@@ -143,7 +143,7 @@ def ensure_dataset(dataset: str) -> None:
     if dataset == "synthetic" and not os.path.isfile(os.path.join(root, "synthetic/annotations/val.json")):
         from smca_d2.data.synthetic import make_synthetic_coco
 
-        make_synthetic_coco(os.path.join(root, "synthetic"), num_train=800, num_val=100)
+        make_synthetic_coco(os.path.join(root, "synthetic"))  # the defaults, as make demo
     elif dataset == "deepforest" and not os.path.isfile(os.path.join(root, "deepforest/annotations/val.json")):
         from smca_d2.data.deepforest import prepare_deepforest
 

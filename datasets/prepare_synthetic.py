@@ -4,7 +4,7 @@
 Usage (from the repository root)::
 
     python datasets/prepare_synthetic.py                   # -> $DETECTRON2_DATASETS/synthetic
-    python datasets/prepare_synthetic.py --num-train 2000 --seed 1 --output /tmp/shapes
+    python datasets/prepare_synthetic.py --num-train 800 --seed 1 --output /tmp/shapes
 """
 import argparse
 import json
@@ -30,7 +30,7 @@ def main(argv=None) -> None:
     )
     add = parser.add_argument
     add("--output", default=default_output(), help="dataset root (default: %(default)s)")
-    add("--num-train", type=int, default=800, help="training images (default: %(default)s)")
+    add("--num-train", type=int, default=4000, help="training images (default: %(default)s)")
     add("--num-val", type=int, default=100, help="validation images (default: %(default)s)")
     add("--image-size", type=int, nargs=2, default=(128, 128), metavar=("H", "W"),
         help="central image size (default: 128 128)")

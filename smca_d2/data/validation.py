@@ -65,7 +65,7 @@ MAX_LISTED = 20
 
 # How to obtain the datasets that smca_d2 knows (folder under $DETECTRON2_DATASETS -> hint).
 _PREPARE_HINTS = {
-    "synthetic": "python datasets/prepare_synthetic.py  (about 3 s, no network)",
+    "synthetic": "python datasets/prepare_synthetic.py  (about 10 s, no network)",
     "deepforest": "python datasets/prepare_deepforest.py  (one 20 MB pip download)",
     "coco": "download COCO 2017 as described in datasets/README.md",
 }

@@ -74,15 +74,23 @@ def test_synthetic_content(synthetic):
 
 
 def test_synthetic_is_deterministic(synthetic):
+    """Same seed, same bytes, whether rendered in one process or several; a training set's first
+    images are those of a smaller one with the same seed."""
     root, paths = synthetic
-    again = make_synthetic_coco(str(root / "b"), num_train=20, num_val=5, seed=0)
+    for workers in (1, 2):
+        again = make_synthetic_coco(str(root / f"b{workers}"), num_train=20, num_val=5, seed=0, workers=workers)
+        for key in ("train_json", "val_json"):
+            assert Path(paths[key]).read_bytes() == Path(again[key]).read_bytes()
+        for split in ("train_images", "val_images"):
+            names = sorted(os.listdir(paths[split]))
+            assert names == sorted(os.listdir(again[split]))
+            assert all((Path(paths[split]) / n).read_bytes() == (Path(again[split]) / n).read_bytes() for n in names)
     other = make_synthetic_coco(str(root / "c"), num_train=20, num_val=5, seed=1)
     for key in ("train_json", "val_json"):
-        assert Path(paths[key]).read_bytes() == Path(again[key]).read_bytes()
         assert Path(paths[key]).read_bytes() != Path(other[key]).read_bytes()
-    first = sorted(os.listdir(paths["train_images"]))[0]
-    first_bytes = (Path(paths["train_images"]) / first).read_bytes()
-    assert first_bytes == (Path(again["train_images"]) / first).read_bytes()
+    smaller = make_synthetic_coco(str(root / "d"), num_train=8, num_val=5, seed=0)
+    assert _load_json(smaller["train_json"])["images"] == _load_json(paths["train_json"])["images"][:8]
+    assert Path(smaller["val_json"]).read_bytes() == Path(paths["val_json"]).read_bytes()
 
 
 def test_synthetic_fixed_size_and_bad_size(tmp_path):
