@@ -2,7 +2,7 @@
 # shapes dataset (datasets/prepare_synthetic.py: 4000 training images), then evaluated with
 # COCOEvaluator.
 # The small R18 model of configs/common/r18_synthetic.py, changed for the demo's fixed budget of
-# about 11 minutes of training on 2 cores (each change measured, see README "Demo"):
+# about 11-13 minutes of training on 2 cores (each change measured, see README "Demo"):
 # * res3 features (stride 8) instead of res4 (stride 16): the objects are 12..60 px in ~128 px
 #   images, and an 8x8 map is too coarse to place the small ones;
 # * no encoder layer (the backbone features go straight to the SMCA decoder, whose modulated

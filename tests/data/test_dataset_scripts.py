@@ -293,3 +293,17 @@ def test_prepare_deepforest_cli(fake_wheel, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "val  :    2 images,     4 boxes" in printed
     assert (tmp_path / "d" / "annotations" / "train.json").exists()
+
+
+def test_synthetic_train_800_is_the_first_800_training_images(tmp_path):
+    from detectron2.data import DatasetCatalog
+    from detectron2.data.datasets import register_coco_instances
+
+    from smca_d2.data import datasets
+
+    assert "smca_synthetic_train_800" in DatasetCatalog.list()
+    paths = make_synthetic_coco(str(tmp_path), num_train=803, num_val=1)
+    register_coco_instances("test_synthetic_803", {}, paths["train_json"], paths["train_images"])
+    dicts = datasets._first_images("test_synthetic_803_first", "test_synthetic_803", 800)
+    assert [d["image_id"] for d in dicts] == list(range(1, 801))
+    assert dicts[-1]["file_name"].endswith("000800.jpg")
