@@ -59,11 +59,14 @@ def gaussian_log_weights(
         scales = scales.float()
         dx2 = dx2 * scales[..., 0:1]
         dy2 = dy2 * scales[..., -1:]
-    # Separable: D[i, j] = dy2[i] + dx2[j]; the only full-size tensor is the result.
-    bias = dy2.unsqueeze(-1).add(dx2.unsqueeze(-2)).mul_(-1.0 / beta).flatten(-2)
+    # Separable: -D[i, j] / beta = -dy2[i] / beta - dx2[j] / beta, so the only full-size tensor
+    # (forward and backward) is the sum itself; with beta a power of two (8) the scaling is exact.
+    # Padding is set in [..., H, W] out of place: writing into the flattened view in place would
+    # make autograd copy the whole bias again in backward (CopySlices; ~0.3 s of an R50 step).
+    bias = (dy2 * (-1.0 / beta)).unsqueeze(-1) + (dx2 * (-1.0 / beta)).unsqueeze(-2)
     if key_padding_mask is not None:
-        bias.masked_fill_(key_padding_mask[:, None, None, :], float("-inf"))
-    return bias
+        bias = torch.where(key_padding_mask.reshape(-1, 1, 1, h, w), float("-inf"), bias)
+    return bias.flatten(-2)
 
 
 def padding_bias(key_padding_mask: torch.Tensor, num_queries: int) -> torch.Tensor:

@@ -161,6 +161,36 @@ def test_gaussian_bias_matches_direct_computation(scale_type, channels):
     assert torch.isclose(centered[0, 0, 0, 1 * 5 + 4], torch.tensor(-4.0 / beta))
 
 
+def _autograd_nodes(grad_fn):
+    seen, stack = set(), [grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return {type(node).__name__ for node in seen}
+
+
+@pytest.mark.parametrize("scale_type,channels", [("fixed", 0), ("single", 1), ("independent", 2)])
+def test_gaussian_bias_gradients(scale_type, channels):
+    # the centers and scales are learned through the bias; padded keys (-inf) pass no gradient
+    g = torch.Generator().manual_seed(0)
+    b, heads, q, h, w, beta = 2, 3, 5, 4, 7, 8.0
+    centers = (torch.rand(b, heads, q, 2, generator=g) * torch.tensor([w, h])).requires_grad_()
+    scales = (torch.rand(b, heads, q, channels, generator=g) * 2).requires_grad_()
+    inputs = (centers, scales) if channels else (centers,)
+    mask = torch.zeros(b, h * w, dtype=torch.bool)
+    mask[1, -5:] = True
+    bias = gaussian_log_weights(centers, scales if channels else None, (h, w), beta, mask)
+    # built without in-place writes into a view: no CopySlices node re-copying the whole bias
+    assert "CopySlices" not in _autograd_nodes(bias.grad_fn)
+    upstream = torch.randn(bias.shape, generator=g)
+    ref = reference_log_gaussian(centers, scales if channels else None, scale_type, h, w, beta)
+    expected = torch.autograd.grad(ref.masked_fill(mask[:, None, None], float("-inf")), inputs, upstream)
+    for ours, theirs in zip(torch.autograd.grad(bias, inputs, upstream), expected):
+        torch.testing.assert_close(ours, theirs)
+
+
 def test_unmodulated_coattention_equals_plain_multihead_attention():
     torch.manual_seed(0)
     b, q, s, c, heads = 2, 6, 10, 32, 4
