@@ -30,6 +30,14 @@ def _threshold(p: float) -> int:
     return round(p * _LEVELS)
 
 
+def _keep_scale(p: float):
+    """The factor kept elements are multiplied by, ``1 / P(kept)``; None when ``p`` is 1."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, got {p}")
+    t = _threshold(p)
+    return None if t == _LEVELS else _LEVELS / (_LEVELS - t)
+
+
 def drop_mask(shape, p: float) -> torch.Tensor:
     """A bool CPU tensor of ``shape``, each element True (dropped) with probability ``p`` (to
     2^-16). One int64 seed is drawn from torch's default CPU generator per call.
@@ -51,12 +59,44 @@ class _DropAndScale(torch.autograd.Function):
     def forward(ctx, x, drop, scale):
         ctx.save_for_backward(drop)
         ctx.scale = scale
-        return x.masked_fill(drop, 0).mul_(scale)
+        # where() reads the bool mask faster than masked_fill (which also needs a copy first)
+        return torch.where(drop, 0.0, x).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
         (drop,) = ctx.saved_tensors
-        return grad.masked_fill(drop, 0).mul_(ctx.scale), None, None
+        return torch.where(drop, 0.0, grad).mul_(ctx.scale), None, None
+
+
+class _SoftmaxDropMatmul(torch.autograd.Function):
+    """``dropout(softmax(logits)) @ v`` in one autograd node: ``(P with drop zeroed) @ v * scale``.
+
+    Composed from separate ops, dropout costs three passes over the (largest) attention-weight
+    tensor each way (copy, mask, scale); here the scale moves to the small ``[..., L, d]`` product
+    and the backward masks its own fresh gradient in place: one pass each way. Saves what the
+    composed ops save (P for the softmax, the dropped P and v for the product, the bool mask).
+    Runs under autocast as the forward did (``custom_fwd``/``custom_bwd``).
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cpu")
+    def forward(ctx, logits, v, drop, scale):
+        p = logits.softmax(-1)
+        p_dropped = torch.where(drop, 0.0, p)
+        out = (p_dropped @ v).mul_(scale)
+        ctx.save_for_backward(p, p_dropped, v, drop)
+        ctx.scale, ctx.logits_dtype = scale, logits.dtype
+        return out
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cpu")
+    def backward(ctx, grad):
+        p, p_dropped, v, drop = ctx.saved_tensors
+        grad = grad * ctx.scale
+        grad_p = (grad @ v.transpose(-2, -1)).to(p.dtype).masked_fill_(drop, 0)
+        grad_logits = torch._softmax_backward_data(grad_p, p, -1, p.dtype).to(ctx.logits_dtype)
+        grad_v = (p_dropped.transpose(-2, -1) @ grad).to(v.dtype)
+        return grad_logits, grad_v, None, None
 
 
 def uses_fast_dropout(x: torch.Tensor, p: float, training: bool, fast: bool = True) -> bool:
@@ -68,12 +108,10 @@ def dropout(x: torch.Tensor, p: float, training: bool = True, fast: bool = True)
     """``F.dropout(x, p, training)``, with the cheap CPU mask when ``fast`` (see the module doc)."""
     if not uses_fast_dropout(x, p, training, fast):
         return F.dropout(x, p, training)
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability has to be between 0 and 1, got {p}")
-    t = _threshold(p)
-    if t == _LEVELS:
+    scale = _keep_scale(p)
+    if scale is None:
         return x * 0.0
-    return _DropAndScale.apply(x, drop_mask(x.shape, p), _LEVELS / (_LEVELS - t))
+    return _DropAndScale.apply(x, drop_mask(x.shape, p), scale)
 
 
 class Dropout(nn.Dropout):
@@ -92,14 +130,18 @@ def attention(q, k, v, bias=None, dropout_p: float = 0.0, fast: bool = True):
 
     ``F.scaled_dot_product_attention``, except when its dropout would draw a mask on the CPU:
     then the attention weights are computed explicitly (as SDPA's own CPU path with dropout does)
-    and dropped out with :func:`dropout`. ``dropout_p`` > 0 means training.
+    and dropped out with the cheap mask, softmax, dropout and the product with ``v`` in one autograd
+    node (:class:`_SoftmaxDropMatmul`). ``dropout_p`` > 0 means training.
     """
     if not uses_fast_dropout(q, dropout_p, True, fast):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+    scale = _keep_scale(dropout_p)
     logits = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-2, -1)
     if bias is not None:
         logits = logits.add_(bias)
-    return dropout(logits.softmax(-1), dropout_p) @ v
+    if scale is None:
+        return logits.softmax(-1) * 0.0 @ v
+    return _SoftmaxDropMatmul.apply(logits, v, drop_mask(logits.shape, dropout_p), scale)
 
 
 def set_fast_cpu_dropout(model: nn.Module, enabled: bool) -> nn.Module:

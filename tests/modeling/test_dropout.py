@@ -102,6 +102,39 @@ def test_attention_with_dropout_is_the_explicit_formula():
     assert torch.equal(attention(q, k, v, bias, dropout_p=0.0), ref)
 
 
+def test_attention_with_dropout_gradients_are_the_explicit_formulas():
+    # softmax, dropout and the product with v are one autograd node: its backward is written out
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 4, n, 8, generator=g, dtype=torch.float64, requires_grad=True) for n in (5, 6, 6))
+    bias = torch.randn(2, 1, 5, 6, generator=g, dtype=torch.float64)
+    bias[0, :, :, -2:] = float("-inf")
+    torch.manual_seed(3)
+    drop = drop_mask((2, 4, 5, 6), 0.3)
+
+    def seeded(q, k, v):
+        torch.manual_seed(3)
+        return attention(q, k, v, bias, dropout_p=0.3)
+
+    scale = 65536 / (65536 - round(0.3 * 65536))
+    upstream = torch.randn(2, 4, 5, 8, generator=g, dtype=torch.float64)
+    ours = torch.autograd.grad(seeded(q, k, v), (q, k, v), upstream)
+    reference = torch.autograd.grad(_reference_attention(q, k, v, bias, drop, scale), (q, k, v), upstream)
+    for a, b in zip(ours, reference):
+        assert torch.allclose(a, b, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(seeded, (q, k, v))
+
+
+def test_attention_with_dropout_under_cpu_autocast():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 4, 5, 8, generator=g, requires_grad=True) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(0)
+        out = attention(q, k, v, None, dropout_p=0.1)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert all(t.grad.dtype == torch.float32 and t.grad.abs().sum() > 0 for t in (q, k, v))
+
+
 def _pair(dropout_p):
     torch.manual_seed(0)
     ours = MultiheadAttention(32, 4, dropout=dropout_p, batch_first=True)
