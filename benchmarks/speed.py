@@ -15,7 +15,8 @@ belongs to one model and one task):
    (default 800x1066 and 800x1333), training time per iteration (``--train-batch`` images of
    ``--train-size``; forward, loss with Hungarian matching, backward, gradient clipping, AdamW
    step) and peak memory of each (CPU: peak resident set size above the level after the model is
-   built; GPU: ``torch.cuda.max_memory_allocated``). Both models get the same random weights
+   built; GPU: ``torch.cuda.max_memory_allocated``); training variants run in ``--train-rounds``
+   interleaved rounds (median reported). Both models get the same random weights
    (the official ones, converted with smca_d2's converter, all 92 class columns) and the same
    inputs; the outputs of every decoder layer and the training losses are checked equal;
 2. where the time goes (forward hooks): backbone, encoder, decoder, the Gaussian prior,
@@ -44,7 +45,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
@@ -474,6 +475,9 @@ def parse_args(argv=None):
         help="untimed training iterations first (until malloc's heap has grown to a step's peak; "
              "with glibc defaults the official code needs about 4)")
     add("--repeats", type=int, default=3)
+    add("--train-rounds", type=int, default=3,
+        help="fresh processes per training variant, run in turn (ours, official, ...) and reported "
+             "as the median of the rounds' times (default: %(default)s)")
     add("--scaling-sizes", type=parse_size, nargs="*",
         default=[(480, 640), (640, 853), (800, 1066), (1024, 1365)], metavar="HxW")
     add("--scaling-queries", type=int, nargs="*", default=[100, 300, 900])
@@ -527,6 +531,18 @@ class Driver:
             result = json.load(f)
         print(f" {time.perf_counter() - t0:.0f} s", flush=True)
         return result
+
+
+def median_of_rounds(results: List[dict]) -> dict:
+    """One training variant measured in several rounds (processes): the first round's result with
+    the median ``s_per_iter`` of all rounds, each round's time, and the largest peak memory."""
+    merged = dict(results[0])
+    merged["s_per_iter"] = statistics.median(r["s_per_iter"] for r in results)
+    merged["rounds_s_per_iter"] = [r["s_per_iter"] for r in results]
+    peaks = [r["peak_mem_mib"] for r in results if "peak_mem_mib" in r]
+    if peaks:
+        merged["peak_mem_mib"] = max(peaks)
+    return merged
 
 
 def max_abs_diff(a_file: str, b_file: str) -> dict:
@@ -618,16 +634,17 @@ def main(argv=None) -> dict:
                 single["inference"].append(row)
             if "train" not in args.skip:
                 row = {"size": list(args.train_size), "batch": args.train_batch, "amp": amp}
-                for impl in impls:
-                    row[impl] = drv.run(impl=impl, task="train", size=args.train_size, amp=amp, **common)
-                row["ours_channels_last"] = drv.run(impl="ours", task="train", size=args.train_size, amp=amp,
-                                                    channels_last=True, **common)
+                variants = {impl: dict(impl=impl) for impl in impls}
+                variants["ours_channels_last"] = dict(impl="ours", channels_last=True)
                 if args.device == "cpu":  # ours with torch's dropout masks (model.fast_cpu_dropout=False)
-                    row["ours_torch_dropout"] = drv.run(impl="ours", task="train", size=args.train_size, amp=amp,
-                                                        torch_dropout=True, **common)
+                    variants["ours_torch_dropout"] = dict(impl="ours", torch_dropout=True)
                 if same_malloc:
-                    row["official_same_malloc"] = drv.run(impl="official", task="train", size=args.train_size,
-                                                          amp=amp, keep_freed_memory=True, **common)
+                    variants["official_same_malloc"] = dict(impl="official", keep_freed_memory=True)
+                rounds = {name: [] for name in variants}
+                for _ in range(args.train_rounds):  # interleaved: a slow spell of the machine hits all
+                    for name, variant in variants.items():
+                        rounds[name].append(drv.run(task="train", size=args.train_size, amp=amp, **variant, **common))
+                row.update({name: median_of_rounds(results) for name, results in rounds.items()})
                 if args.official_repo:
                     a, b = row["ours"]["initial_loss_no_dropout"], row["official"]["initial_loss_no_dropout"]
                     row["loss_rel_diff"] = abs(a - b) / max(abs(b), 1e-12)

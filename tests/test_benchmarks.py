@@ -162,6 +162,16 @@ def test_speed_output_comparison(speed, tmp_path):
     assert d == {"max_abs_logits": 0.5, "max_abs_boxes": 0.0, "layers": 2}
 
 
+def test_median_of_rounds(speed):
+    rounds = [{"s_per_iter": 3.0, "peak_mem_mib": 10.0, "times": [3.0]},
+              {"s_per_iter": 1.0, "peak_mem_mib": 30.0, "times": [1.0]},
+              {"s_per_iter": 2.0, "peak_mem_mib": 20.0, "times": [2.0]}]
+    merged = speed.median_of_rounds(rounds)
+    assert merged["s_per_iter"] == 2.0 and merged["rounds_s_per_iter"] == [3.0, 1.0, 2.0]
+    assert merged["peak_mem_mib"] == 30.0 and merged["times"] == [3.0]
+    assert "rounds_s_per_iter" not in rounds[0]  # inputs untouched
+
+
 @pytest.mark.slow
 def test_speed_benchmark_ours_small(tmp_path):
     """The whole benchmark (ours only: the official code is not part of this repository) at a
@@ -171,13 +181,14 @@ def test_speed_benchmark_ours_small(tmp_path):
         sys.executable, os.path.join(REPO, "benchmarks", "speed.py"), "--sizes", "64x96",
         "--train-size", "64x96", "--scaling-sizes", "64x64", "--scaling-queries", "20",
         "--models", "smca_single_scale", "detr_baseline", "--warmup", "0", "--repeats", "1",
-        "--threads", "2", "--output", str(out),
+        "--threads", "2", "--train-rounds", "2", "--output", str(out),
     ]
     run = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     r = json.loads(out.read_text())
     inf, train = r["single_scale"]["inference"][0]["ours"], r["single_scale"]["train"][0]["ours"]
     assert inf["s_per_image"] > 0 and train["s_per_iter"] > 0 and train["initial_loss_no_dropout"] > 0
+    assert len(train["rounds_s_per_iter"]) == 2 and run.stdout.count("ours     smca_single_scale train") == 2 * 3
     assert train["peak_mem_mib"] > 0
     parts = r["profile"]["ours"]["inference_parts_s"]
     assert set(parts) >= {"backbone", "encoder", "decoder", "gaussian_prior"}
