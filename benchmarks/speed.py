@@ -580,8 +580,9 @@ def main(argv=None) -> dict:
 
     report: dict = {
         "environment": environment(args.device, args.threads),
-        # (the official checkout's folder name only: no machine paths in results people share)
-        "settings": {k: (os.path.basename(os.path.normpath(v)) if k == "official_repo" and v else v)
+        # (the official checkout's folder and the output's file name only: no machine paths in
+        # results people share)
+        "settings": {k: (os.path.basename(os.path.normpath(v)) if k in ("official_repo", "output") and v else v)
                      for k, v in vars(args).items() if k not in ("worker", "replot")},
         "official": bool(args.official_repo),
     }
@@ -709,6 +710,15 @@ def _ratio(ours, official):
     return f"{official / ours:.2f}x" if ours and official else "-"
 
 
+def round_speedups(ours: dict, official: dict) -> Optional[List[float]]:
+    """Official time over ours in each interleaved round (the rounds pair measurements taken
+    minutes apart); None without rounds."""
+    a, b = ours.get("rounds_s_per_iter"), official.get("rounds_s_per_iter")
+    if not a or not b or len(a) != len(b):
+        return None
+    return [o / x for x, o in zip(a, b)]
+
+
 def print_report(r: dict) -> None:
     env = r["environment"]
     print(f"\n{env['date']}  {env['device']} ({env['processor']}, {env['cpu_count']} CPUs, "
@@ -757,6 +767,11 @@ def print_report(r: dict) -> None:
                 line(f"train (batch {row['batch']}), channels-last vs official with the same malloc setting",
                      row["size"], row["amp"], row["ours_channels_last"], row["official_same_malloc"],
                      "s_per_iter", "s/iter")
+        for variant, against in [("ours", "official"), ("ours_channels_last", "official"),
+                                  ("ours", "official_same_malloc"), ("ours_channels_last", "official_same_malloc")]:
+            ratios = round_speedups(row[variant], row[against]) if variant in row and against in row else None
+            if ratios and len(ratios) > 1:
+                print(f"  {against} / {variant}, round by round: " + ", ".join(f"{x:.2f}x" for x in ratios))
         if "loss_equal" in row:
             print(f"  initial loss ours {row['ours']['initial_loss_no_dropout']:.6f} vs official "
                   f"{row['official']['initial_loss_no_dropout']:.6f} (rel. diff {row['loss_rel_diff']:.1e})"

@@ -170,6 +170,9 @@ def test_median_of_rounds(speed):
     assert merged["s_per_iter"] == 2.0 and merged["rounds_s_per_iter"] == [3.0, 1.0, 2.0]
     assert merged["peak_mem_mib"] == 30.0 and merged["times"] == [3.0]
     assert "rounds_s_per_iter" not in rounds[0]  # inputs untouched
+    official = {"rounds_s_per_iter": [6.0, 3.0, 3.0]}
+    assert speed.round_speedups(merged, official) == [2.0, 3.0, 1.5]
+    assert speed.round_speedups(rounds[0], official) is None  # one process, no rounds
 
 
 @pytest.mark.slow
