@@ -48,6 +48,7 @@ ELEMENTWISE_OPS = {
     "aten::pad", "aten::pow", "aten::reciprocal", "aten::remainder", "aten::rsub", "aten::sigmoid",
     "aten::sigmoid_", "aten::sin", "aten::softmax", "aten::sort", "aten::sqrt", "aten::square",
     "aten::sub", "aten::topk", "aten::relu", "aten::relu_", "aten::rsqrt", "aten::lt", "aten::le", "aten::ne",
+    "aten::where",
 }
 
 
