@@ -6,6 +6,11 @@
   ``conv(x, W, b) * s + t``. Parameters, buffers and checkpoints are unchanged and ``W`` is still
   what is trained (the gradient flows through ``W * s``); forward and backward each skip one pass
   over every backbone activation. :class:`SMCADETR` applies it to its backbone by default.
+* :func:`use_fast_cpu_stem` makes a frozen ResNet stem (R50's, ``freeze_at >= 1``) run in
+  channels-last memory format on the CPU and hand back a contiguous tensor: torch's CPU max pool
+  is ~10x slower on contiguous (NCHW) tensors than on channels-last ones (R50 stem at 800x1066,
+  batch 2: 200 -> 85 ms with the conversions). The pooled values are exactly the same.
+  :class:`SMCADETR` applies it by default.
 
 Inference only:
 
@@ -25,8 +30,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from detectron2.layers import Conv2d, FrozenBatchNorm2d
+from detectron2.modeling.backbone import BasicStem
 
-__all__ = ["FrozenBNConv2d", "fold_frozen_batchnorm", "fuse_frozen_batchnorm", "optimize_for_inference"]
+__all__ = [
+    "FastCPUStem",
+    "FrozenBNConv2d",
+    "fold_frozen_batchnorm",
+    "fuse_frozen_batchnorm",
+    "optimize_for_inference",
+    "use_fast_cpu_stem",
+]
 
 
 def _folded_weight_and_bias(conv: Conv2d, norm: nn.Module):
@@ -71,6 +84,41 @@ def fuse_frozen_batchnorm(module: nn.Module) -> int:
             conv.__class__ = FrozenBNConv2d
             fused += 1
     return fused
+
+
+class FastCPUStem(BasicStem):
+    """Detectron2's ``BasicStem`` (conv, ReLU, 3x3 max pool) that, when frozen and given a
+    contiguous CPU tensor, runs in channels-last memory format and returns a contiguous tensor.
+
+    torch's CPU max pool is vectorized over channels only in channels-last format: on the
+    contiguous R50 stem output at 800x1066 (batch 2, 2 threads) it takes ~120 ms, ~14 ms in
+    channels-last. Converting the 3-channel image is cheap, the convolution takes channels-last
+    input as fast, and one copy brings the 4x smaller pooled map back. Same parameters and
+    state-dict keys as ``BasicStem``. A stem with trainable parameters, a channels-last input (the
+    ``channels_last`` backbone) or another device takes ``BasicStem``'s path unchanged.
+    """
+
+    def forward(self, x):
+        if (
+            x.device.type != "cpu"
+            or x.dim() != 4
+            or not x.is_contiguous()
+            or any(p.requires_grad for p in self.parameters())
+        ):
+            return super().forward(x)
+        x = F.relu_(self.conv1(x.contiguous(memory_format=torch.channels_last)))
+        return F.max_pool2d(x, kernel_size=3, stride=2, padding=1).contiguous()
+
+
+def use_fast_cpu_stem(module: nn.Module) -> int:
+    """Turn every Detectron2 ``BasicStem`` in ``module`` into a :class:`FastCPUStem` (in place,
+    nothing copied); returns how many."""
+    changed = 0
+    for stem in module.modules():
+        if type(stem) is BasicStem:
+            stem.__class__ = FastCPUStem
+            changed += 1
+    return changed
 
 
 @torch.no_grad()

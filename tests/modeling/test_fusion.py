@@ -7,10 +7,12 @@ from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling.backbone import BasicStem, ResNet
 
 from smca_d2.modeling.fusion import (
+    FastCPUStem,
     FrozenBNConv2d,
     fold_frozen_batchnorm,
     fuse_frozen_batchnorm,
     optimize_for_inference,
+    use_fast_cpu_stem,
 )
 
 
@@ -91,8 +93,52 @@ def test_models_fuse_their_frozen_batchnorms_by_default():
     cfg.backbone.stages = L(ResNet.make_default_stages)(depth=18, norm="FrozenBN")
     model = instantiate(cfg)
     assert sum(isinstance(m, FrozenBNConv2d) for m in model.backbone.modules()) == 1 + 8 * 2 + 3
+    assert isinstance(model.backbone.stem, FastCPUStem)
     cfg.fuse_frozen_bn = False
-    assert not any(isinstance(m, FrozenBNConv2d) for m in instantiate(cfg).modules())
+    cfg.fast_cpu_stem = False
+    plain = instantiate(cfg)
+    assert not any(isinstance(m, (FrozenBNConv2d, FastCPUStem)) for m in plain.modules())
+    assert plain.state_dict().keys() == model.state_dict().keys()
+
+
+def _max_pool_inputs(monkeypatch):
+    """Record, for every ``F.max_pool2d`` call, whether its input was channels-last."""
+    calls = []
+    max_pool2d = torch.nn.functional.max_pool2d
+
+    def recording(x, *args, **kwargs):
+        calls.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return max_pool2d(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "max_pool2d", recording)
+    return calls
+
+
+def test_fast_cpu_stem_pools_channels_last_with_the_same_outputs(monkeypatch):
+    model = _resnet(freeze_at=2)  # a frozen stem, as in the R50 configs
+    fast = copy.deepcopy(model)
+    assert use_fast_cpu_stem(fast) == 1 and use_fast_cpu_stem(fast) == 0
+    assert fast.state_dict().keys() == model.state_dict().keys()
+    calls = _max_pool_inputs(monkeypatch)
+    x = torch.randn(2, 3, 66, 97)  # odd sizes: the pool's padding matters
+    ref, out = model.stem(x), fast.stem(x)
+    assert calls == [False, True]  # BasicStem pools the contiguous map, FastCPUStem channels-last
+    assert out.is_contiguous() and out.shape == ref.shape == (2, 64, 17, 25)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # The pool itself is exact: the same values as pooling the conv output in the default layout.
+    conv = torch.relu(fast.stem.conv1(x.contiguous(memory_format=torch.channels_last)))
+    assert torch.equal(out, torch.nn.functional.max_pool2d(conv.contiguous(), 3, 2, 1))
+    whole_ref, whole = model(x), fast(x)
+    for k in whole_ref:
+        torch.testing.assert_close(whole[k], whole_ref[k], rtol=1e-4, atol=1e-4 * float(whole_ref[k].abs().max()))
+    # A trainable stem, a channels-last input: BasicStem's path, unchanged.
+    calls.clear()
+    trainable = _resnet(freeze_at=0)
+    use_fast_cpu_stem(trainable)
+    assert torch.equal(trainable.stem(x), BasicStem.forward(trainable.stem, x))
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(fast.stem(x_cl), BasicStem.forward(fast.stem, x_cl))
+    assert calls == [False, False, True, True]  # channels-last only because the input was
 
 
 def test_optimize_for_inference_channels_last():
