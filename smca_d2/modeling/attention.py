@@ -44,7 +44,7 @@ def gaussian_log_weights(
             [B, heads, Q, 2] for independent x/y scales. These are the already squared values.
         feature_shape: (H, W) of the (padded) feature map.
         beta: the bandwidth; ``log G = -D / beta``.
-        key_padding_mask: optional bool [B, H*W], True on padded cells.
+        key_padding_mask: bool [B, H*W], True on padded cells, or None (no padding).
 
     Returns:
         float32 [B, heads, Q, H*W], cells flattened row-major like ``x.flatten(2)``.
@@ -70,8 +70,18 @@ def gaussian_log_weights(
     return bias.flatten(-2)
 
 
-def padding_bias(key_padding_mask: torch.Tensor, num_queries: int) -> torch.Tensor:
-    """Attention bias with only the key padding (no spatial prior): [B, 1, Q, HW] float32."""
+def split_padding_mask(key_padding_mask: Optional[torch.Tensor], level_sizes: List[int]) -> list:
+    """Per-level key padding masks, ``key_padding_mask.split(level_sizes, 1)``; Nones for None."""
+    if key_padding_mask is None:
+        return [None] * len(level_sizes)
+    return list(key_padding_mask.split(level_sizes, 1))
+
+
+def padding_bias(key_padding_mask: Optional[torch.Tensor], num_queries: int) -> Optional[torch.Tensor]:
+    """Attention bias with only the key padding (no spatial prior): [B, 1, Q, HW] float32, or
+    None for no padding (None)."""
+    if key_padding_mask is None:
+        return None
     bias = torch.zeros(
         key_padding_mask.shape[0], 1, num_queries, key_padding_mask.shape[1],
         device=key_padding_mask.device,
@@ -125,7 +135,8 @@ class SpatiallyModulatedCoAttention(nn.Module):
             key: [B, S, C] (memory + position), the levels' tokens concatenated.
             value: [B, S, C] (memory).
             biases: one float32 bias per level, [B, heads or 1, Q, S_l] (log-Gaussian and -inf on
-                padded keys), with ``sum(S_l) == S``.
+                padded keys), with ``sum(S_l) == S``; None for a level with neither (no
+                modulation, no padding).
             level_sizes: S_l of each level.
             level_weights: [B, Q, L] softmax weights over levels; needed when L > 1.
 

@@ -13,6 +13,7 @@ from .attention import (
     gaussian_log_weights,
     padding_bias,
     scale_channels,
+    split_padding_mask,
 )
 from .dropout import Dropout
 
@@ -120,7 +121,7 @@ class DecoderLayer(nn.Module):
         memory,
         memory_with_pos,
         query_pos,
-        key_padding_masks: Sequence[torch.Tensor],
+        key_padding_masks: Sequence[Optional[torch.Tensor]],
         level_shapes: Sequence[Tuple[int, int]],
         level_strides: Sequence[int],
         image_wh,
@@ -131,7 +132,7 @@ class DecoderLayer(nn.Module):
         Args:
             tgt, query_pos: [B, Q, C]
             memory, memory_with_pos: [B, S, C], levels concatenated.
-            key_padding_masks: per level, bool [B, H_l * W_l].
+            key_padding_masks: per level, bool [B, H_l * W_l] (True on padded cells) or None.
             level_shapes, level_strides: per level (H_l, W_l) and stride in pixels.
             image_wh: float [B, 2], unpadded (width, height) of each image.
             beta: Gaussian bandwidth.
@@ -226,7 +227,7 @@ class SMCADecoder(nn.Module):
         Args:
             memory, pos: [B, S, C] encoder output and its position encoding (levels concatenated).
             query_pos: [B, Q, C] learned query embeddings.
-            key_padding_mask: bool [B, S], True on padded cells.
+            key_padding_mask: bool [B, S], True on padded cells, or None (no padding).
             level_shapes, level_strides: per level (H_l, W_l) and stride.
             image_wh: float [B, 2] unpadded image (width, height).
 
@@ -236,7 +237,7 @@ class SMCADecoder(nn.Module):
         """
         if len(level_shapes) != self.num_levels:
             raise ValueError(f"decoder built for {self.num_levels} levels, got {len(level_shapes)}")
-        masks = key_padding_mask.split([h * w for h, w in level_shapes], dim=1)
+        masks = split_padding_mask(key_padding_mask, [h * w for h, w in level_shapes])
         memory_with_pos = memory + pos
         tgt = torch.zeros_like(query_pos)
         ref = ref_logit = None

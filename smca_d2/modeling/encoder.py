@@ -8,7 +8,7 @@ from torch import nn
 
 from detectron2.utils.registry import Registry
 
-from .attention import MultiheadAttention
+from .attention import MultiheadAttention, split_padding_mask
 from .dropout import Dropout
 
 SMCA_ENCODER_REGISTRY = Registry("SMCA_ENCODER")
@@ -33,7 +33,7 @@ class EncoderLayer(nn.Module):
         """
         Args:
             src, pos: [B, S, C]
-            key_padding_mask: bool [B, S], True on padded tokens.
+            key_padding_mask: bool [B, S], True on padded tokens, or None (no padding).
         """
         q = k = src + pos
         src2 = self.self_attn(q, k, src, key_padding_mask=key_padding_mask, need_weights=False)[0]
@@ -60,7 +60,8 @@ class SingleScaleEncoder(nn.Module):
     def forward(self, src, pos, key_padding_mask, level_sizes: Sequence[int]):
         """
         Args:
-            src, pos: [B, S, C]; key_padding_mask: bool [B, S].
+            src, pos: [B, S, C]; key_padding_mask: bool [B, S], True on padded tokens, or
+                None (no padding).
             level_sizes: token count of each level (must be one level).
         """
         if len(level_sizes) != 1:
@@ -104,13 +105,10 @@ class MultiScaleEncoder(nn.Module):
             if block_type == "multi" or len(level_sizes) == 1:
                 src = layer(src, pos, key_padding_mask)
                 continue
+            masks = split_padding_mask(key_padding_mask, level_sizes)
             outputs: List[torch.Tensor] = [
                 layer(s, p, m)
-                for s, p, m in zip(
-                    src.split(level_sizes, 1),
-                    pos.split(level_sizes, 1),
-                    key_padding_mask.split(level_sizes, 1),
-                )
+                for s, p, m in zip(src.split(level_sizes, 1), pos.split(level_sizes, 1), masks)
             ]
             src = torch.cat(outputs, dim=1)
         return src

@@ -30,7 +30,7 @@ class SMCATransformer(nn.Module):
         """
         Args:
             src, pos: [B, S, C] flattened feature levels (concatenated) and their encodings.
-            key_padding_mask: bool [B, S].
+            key_padding_mask: bool [B, S], True on padded tokens, or None (no padding).
             query_embed: [Q, C] learned queries.
             level_shapes, level_strides: per level (H_l, W_l) and stride in pixels.
             image_wh: float [B, 2] unpadded image sizes (width, height).

@@ -279,6 +279,40 @@ def test_training_does_not_depend_on_padding():
     assert torch.isfinite(sum(alone.values()))
 
 
+MASK_CONFIGS = ["smca_single_scale_r50_50ep.py", "smca_multi_scale_r50_50ep.py", "detr_baseline_r50_50ep.py"]
+
+
+@pytest.mark.parametrize("name", MASK_CONFIGS)
+def test_a_batch_without_padding_skips_the_mask_with_the_same_results(name, monkeypatch):
+    """Images of one size: the transformer gets no mask, and the outputs (every decoder layer,
+    training mode with dropout included) equal those with the explicit all-False mask."""
+    cfg = shrink(load_model_cfg(name))
+    cfg.backbone = PatchBackbone()
+    torch.manual_seed(0)
+    model = instantiate(cfg).train()
+    masks, force = [], []
+    forward, has_padding = model.transformer.forward, model.has_padding
+    monkeypatch.setattr(model.transformer, "forward", lambda src, pos, mask, *a: masks.append(mask) or forward(src, pos, mask, *a))
+    monkeypatch.setattr(model, "has_padding", lambda images: bool(force) or has_padding(images))
+
+    def outputs(inputs, force_mask=False):
+        force[:] = [True] if force_mask else []
+        torch.manual_seed(1)  # the same dropout masks
+        return model.forward_outputs(model.preprocess_image(inputs))
+
+    same_size = make_inputs([(128, 192), (128, 192)], with_instances=False)
+    skipped = outputs(same_size)
+    assert masks[-1] is None
+    masked = outputs(same_size, force_mask=True)
+    assert masks[-1] is not None and not masks[-1].any()
+    for key in ("pred_logits", "pred_boxes", "ref_points"):
+        assert torch.equal(skipped[key], masked[key]), key
+    for a, b in zip(skipped["aux_outputs"], masked["aux_outputs"]):
+        assert torch.equal(a["pred_boxes"], b["pred_boxes"]) and torch.equal(a["pred_logits"], b["pred_logits"])
+    outputs(make_inputs([(128, 192), (128, 128)], with_instances=False))
+    assert masks[-1] is not None and masks[-1].any()  # padded batches keep their mask
+
+
 def test_inference_needs_no_annotations_and_uses_image_size():
     cfg = shrink(load_model_cfg("smca_single_scale_r50_50ep.py"))
     model = instantiate(cfg).eval()
