@@ -45,10 +45,13 @@ def drop_mask(shape, p: float) -> torch.Tensor:
     with torch.profiler.record_function("smca_d2::drop_mask"):
         n = math.prod(shape)
         seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+        if _threshold(p) == _LEVELS:
+            return torch.ones(shape, dtype=torch.bool)
         words = np.random.SFC64(seed).random_raw((n + 3) // 4)
         # Uniform uint16 read as int16 is uniform on [-32768, 32767]: P(s < t - 32768) = t / 65536.
-        bits = torch.from_numpy(words.view(np.int16)[:n]).view(shape)
-        return bits < _threshold(p) - (_LEVELS >> 1)
+        # NumPy compares int16 with SIMD (~1 ms for 11.5M elements; torch's `<` ~5 ms).
+        drop = np.less(words.view(np.int16)[:n], np.int16(_threshold(p) - (_LEVELS >> 1)))
+        return torch.from_numpy(drop).view(shape)
 
 
 class _DropAndScale(torch.autograd.Function):

@@ -57,6 +57,8 @@ def test_identity_and_edge_cases():
     assert dropout(x, 0.1, training=False) is x
     assert torch.equal(dropout(x, 0.0), x)
     assert torch.equal(dropout(x, 1.0), torch.zeros_like(x))
+    assert drop_mask((3, 50), 1.0).all() and not drop_mask((3, 50), 0.0).any()
+    assert drop_mask((3, 50), 0.5).dtype == torch.bool
     with pytest.raises(ValueError, match="between 0 and 1"):
         dropout(x, 1.5)
     # fast=False and other devices: torch's own dropout, same random stream
