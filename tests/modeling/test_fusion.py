@@ -81,6 +81,38 @@ def test_fuse_frozen_batchnorm_keeps_outputs_gradients_and_checkpoints():
         assert torch.allclose(folded[k], ref[k].detach(), rtol=1e-4, atol=1e-4 * float(ref[k].abs().max())), k
 
 
+def test_strided_1x1_convolutions_subsample_their_input_on_the_cpu(monkeypatch):
+    """The downsampling shortcuts (1x1, stride 2) run as stride-1 convolutions of every other
+    pixel, fused or folded, with the same outputs and gradients as the strided convolutions."""
+    model = _resnet(freeze_at=2)
+    fused = copy.deepcopy(model)
+    fuse_frozen_batchnorm(fused)
+    calls = []
+    conv2d = torch.nn.functional.conv2d
+
+    def recording(x, weight, bias=None, stride=1, *args):
+        calls.append((tuple(weight.shape[-2:]), tuple(stride) if isinstance(stride, (tuple, list)) else (stride,) * 2))
+        return conv2d(x, weight, bias, stride, *args)
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", recording)
+    x = torch.randn(2, 3, 66, 97)  # odd sizes: ceil(n / 2) rows and columns either way
+    ref = model(x)
+    assert ((1, 1), (2, 2)) in calls  # the plain Conv2d's shortcuts are strided
+    calls.clear()
+    out = fused(x)
+    assert len(calls) == 1 + 8 * 2 + 3 and ((1, 1), (2, 2)) not in calls
+    for k in ref:
+        torch.testing.assert_close(out[k], ref[k], rtol=1e-4, atol=1e-4 * float(ref[k].abs().max()))
+    fused.eval()
+    fold_frozen_batchnorm(fused)
+    calls.clear()
+    with torch.no_grad():
+        folded = fused(x)
+    assert ((1, 1), (2, 2)) not in calls
+    for k in ref:
+        torch.testing.assert_close(folded[k], ref[k].detach(), rtol=1e-4, atol=1e-4 * float(ref[k].abs().max()))
+
+
 def test_models_fuse_their_frozen_batchnorms_by_default():
     import os
 
