@@ -118,8 +118,9 @@ class FastCPUStem(BasicStem):
     contiguous R50 stem output at 800x1066 (batch 2, 2 threads) it takes ~120 ms, ~14 ms in
     channels-last. Converting the 3-channel image is cheap, the convolution takes channels-last
     input as fast, and one copy brings the 4x smaller pooled map back. Same parameters and
-    state-dict keys as ``BasicStem``. A stem with trainable parameters, a channels-last input (the
-    ``channels_last`` backbone) or another device takes ``BasicStem``'s path unchanged.
+    state-dict keys as ``BasicStem``. A stem with trainable parameters, channels-last input or
+    weights (the ``channels_last`` backbone, :func:`optimize_for_inference`: the convolution
+    already returns channels-last there) or another device takes ``BasicStem``'s path unchanged.
     """
 
     def forward(self, x):
@@ -127,6 +128,7 @@ class FastCPUStem(BasicStem):
             x.device.type != "cpu"
             or x.dim() != 4
             or not x.is_contiguous()
+            or not self.conv1.weight.is_contiguous()
             or any(p.requires_grad for p in self.parameters())
         ):
             return super().forward(x)

@@ -171,6 +171,14 @@ def test_fast_cpu_stem_pools_channels_last_with_the_same_outputs(monkeypatch):
     x_cl = x.contiguous(memory_format=torch.channels_last)
     assert torch.equal(fast.stem(x_cl), BasicStem.forward(fast.stem, x_cl))
     assert calls == [False, False, True, True]  # channels-last only because the input was
+    # Channels-last weights (optimize_for_inference on the CPU): the conv already returns
+    # channels-last, and the stem leaves it so for the channels-last convolutions after it.
+    calls.clear()
+    optimized = optimize_for_inference(copy.deepcopy(fast))
+    with torch.no_grad():
+        out_cl = optimized.stem(x)
+    assert calls == [True] and out_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out_cl, ref.detach(), rtol=1e-4, atol=1e-4)
 
 
 def test_optimize_for_inference_channels_last():
