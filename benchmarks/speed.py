@@ -333,8 +333,8 @@ OP_KINDS = {
 
 def op_kind_times(impl: "_Impl") -> dict:
     """Self CPU time of one training step by kind of operator (torch.profiler): the kinds that
-    both implementations compute with the same kernels (convolutions, matrix products, dropout's
-    random numbers) and everything else."""
+    both implementations compute with the same libraries' kernels (convolutions, matrix products,
+    dropout's random numbers) and everything else."""
     from torch.profiler import ProfilerActivity, profile
 
     kind_of = {op: kind for kind, ops in OP_KINDS.items() for op in ops}
@@ -801,9 +801,9 @@ def print_report(r: dict) -> None:
                 print(f"| {impl} | " + " | ".join(f"{k[n]:.3f}" for n in names) + f" | {sum(k.values()):.3f} |")
             limit = speedup_limit(r)
             if limit:
-                print(f"ours spends {limit['shared_s']:.2f} s in convolutions and matrix products (the same kernels "
-                      f"as the official code's) and drawing dropout masks: even if all else took no time, ours "
-                      f"could train at most {limit['limit']:.2f}x faster than the official "
+                print(f"ours spends {limit['shared_s']:.2f} s in convolutions and matrix products (oneDNN's and "
+                      f"MKL's kernels, like the official code's) and drawing dropout masks: unless these get "
+                      f"faster, ours could train at most {limit['limit']:.2f}x faster than the official "
                       f"{limit['official_s_per_iter']:.2f} s/iter.")
 
     if r.get("other_models"):

@@ -69,8 +69,8 @@ class SMCADETR(nn.Module):
             size_divisibility: pad the batch to a multiple of this (0: no extra padding).
             test_topk: detections kept per image: top-k over all query x class scores.
             channels_last: run the backbone in channels-last memory format (same results to
-                float rounding; faster convolutions on the CPU: R50 training steps 6.5 -> 6.1 s
-                here).
+                float rounding; oneDNN's preferred layout, but R50 training on 2 CPU cores is
+                not reliably faster with it: 7.18 vs 7.09 s per step alternating in one process).
             fuse_frozen_bn: apply the backbone's frozen batch norms to the convolution weights
                 instead of to the activations (:func:`smca_d2.modeling.fuse_frozen_batchnorm`;
                 same parameters and checkpoints, same results to float rounding, less time).
