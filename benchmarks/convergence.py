@@ -8,7 +8,7 @@ data, schedule, batch and seeds through ``train_net.py``, evaluating box AP ever
 panel per dataset, one curve per model; the min..max band over seeds when there are several) and
 prints a table.
 
-Default run (the two CPU benchmarks, ~46 min on a 2-core machine)::
+Default run (the two CPU benchmarks, ~50 min on a 2-core machine)::
 
     python benchmarks/convergence.py
 
