@@ -45,7 +45,7 @@ def drop_mask(shape, p: float) -> torch.Tensor:
     with torch.profiler.record_function("smca_d2::drop_mask"):
         n = math.prod(shape)
         seed = int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
-        if _threshold(p) == _LEVELS:
+        if _keep_scale(p) is None:  # p == 1 (and p checked): everything dropped
             return torch.ones(shape, dtype=torch.bool)
         words = np.random.SFC64(seed).random_raw((n + 3) // 4)
         # Uniform uint16 read as int16 is uniform on [-32768, 32767]: P(s < t - 32768) = t / 65536.
