@@ -15,8 +15,10 @@ belongs to one model and one task):
    (default 800x1066 and 800x1333), training time per iteration (``--train-batch`` images of
    ``--train-size``; forward, loss with Hungarian matching, backward, gradient clipping, AdamW
    step) and peak memory of each (CPU: peak resident set size above the level after the model is
-   built; GPU: ``torch.cuda.max_memory_allocated``); training variants run in ``--train-rounds``
-   interleaved rounds (median reported). Both models get the same random weights
+   built, and the peak of the tensors one call allocates, from torch.profiler, which does not
+   depend on malloc; GPU: ``torch.cuda.max_memory_allocated``); every variant runs in
+   ``--inference-rounds`` / ``--train-rounds`` interleaved rounds, one process each (medians
+   reported). Both models get the same random weights
    (the official ones, converted with smca_d2's converter, all 92 class columns) and the same
    inputs; the outputs of every decoder layer and the training losses are checked equal;
 2. where the time goes (forward hooks): backbone, encoder, decoder, the Gaussian prior,
@@ -346,6 +348,26 @@ def op_kind_times(impl: "_Impl") -> dict:
     return totals
 
 
+def tensor_peak_mib(fn) -> float:
+    """The most memory that tensors allocated by one call of ``fn`` occupy at once (MiB, CPU): the
+    allocations and frees torch.profiler records, summed in order. Unlike the peak RSS it does not
+    depend on how ``malloc`` lays out, reuses and returns memory, nor on which thread's arena
+    serves an allocation; tensors that exist before the call (weights, inputs) do not count."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]" and e.device_type() == DeviceType.CPU),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
+
+
 def _timed_runs(fn, warmup, repeats, device):
     for _ in range(warmup):
         fn()
@@ -449,6 +471,10 @@ def run_worker(spec) -> dict:
     elif peak_reset and rss_before is not None:
         result["peak_mem_mib"] = (_rss_kib("VmHWM") - rss_before) / 1024
         result["peak_mem_kind"] = "peak RSS above the RSS after building the model"
+    if device == "cpu" and task in ("inference", "train"):
+        # One more call, profiled (after the RSS was read: the profiler's own memory is not in it).
+        result["tensor_peak_mib"] = tensor_peak_mib(
+            (lambda: impl.infer(images)) if task == "inference" else impl.train_step)
     return result
 
 
@@ -475,6 +501,9 @@ def parse_args(argv=None):
         help="untimed training iterations first (until malloc's heap has grown to a step's peak; "
              "with glibc defaults the official code needs about 4)")
     add("--repeats", type=int, default=3)
+    add("--inference-rounds", type=int, default=3,
+        help="fresh processes per single-scale inference variant, run in turn like --train-rounds "
+             "(default: %(default)s)")
     add("--train-rounds", type=int, default=3,
         help="fresh processes per training variant, run in turn (ours, official, ...) and reported "
              "as the median of the rounds' times (default: %(default)s)")
@@ -533,16 +562,32 @@ class Driver:
         return result
 
 
+def _time_key(result: dict) -> str:
+    return "s_per_iter" if "s_per_iter" in result else "s_per_image"
+
+
 def median_of_rounds(results: List[dict]) -> dict:
-    """One training variant measured in several rounds (processes): the first round's result with
-    the median ``s_per_iter`` of all rounds, each round's time, and the largest peak memory."""
+    """One variant measured in several rounds (processes): the first round's result with the
+    median time (``s_per_iter`` or ``s_per_image``) and the median peak memory of all rounds,
+    and each round's (``rounds_<key>``). The peak RSS of one process varies by tens of MiB with
+    where ``malloc`` happens to place blocks (one arena per thread)."""
     merged = dict(results[0])
-    merged["s_per_iter"] = statistics.median(r["s_per_iter"] for r in results)
-    merged["rounds_s_per_iter"] = [r["s_per_iter"] for r in results]
-    peaks = [r["peak_mem_mib"] for r in results if "peak_mem_mib" in r]
-    if peaks:
-        merged["peak_mem_mib"] = max(peaks)
+    for key in (_time_key(merged), "peak_mem_mib"):
+        values = [r[key] for r in results if key in r]
+        if values:
+            merged[key] = statistics.median(values)
+            merged[f"rounds_{key}"] = values
     return merged
+
+
+def run_rounds(drv: "Driver", variants: Dict[str, dict], rounds: int, **spec) -> Dict[str, dict]:
+    """Each variant (name -> spec) run ``rounds`` times, in interleaved rounds (v1, v2, ..., v1,
+    v2, ...: a slow spell of the machine hits all variants), merged by :func:`median_of_rounds`."""
+    results: Dict[str, List[dict]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, variant in variants.items():
+            results[name].append(drv.run(**spec, **variant))
+    return {name: median_of_rounds(r) for name, r in results.items()}
 
 
 def max_abs_diff(a_file: str, b_file: str) -> dict:
@@ -625,13 +670,12 @@ def main(argv=None) -> dict:
         for amp in precisions:
             for size in args.sizes:
                 row = {"size": list(size), "amp": amp}
-                for impl in impls:
-                    row[impl] = drv.run(impl=impl, task="inference", size=size, amp=amp, **common)
-                row["ours_optimized"] = drv.run(impl="ours", task="inference", size=size, amp=amp,
-                                                optimize=True, **common)
+                variants = {impl: dict(impl=impl) for impl in impls}
+                variants["ours_optimized"] = dict(impl="ours", optimize=True)
                 if same_malloc:
-                    row["official_same_malloc"] = drv.run(impl="official", task="inference", size=size,
-                                                          amp=amp, keep_freed_memory=True, **common)
+                    variants["official_same_malloc"] = dict(impl="official", keep_freed_memory=True)
+                row.update(run_rounds(drv, variants, args.inference_rounds, task="inference", size=size,
+                                      amp=amp, **common))
                 single["inference"].append(row)
             if "train" not in args.skip:
                 row = {"size": list(args.train_size), "batch": args.train_batch, "amp": amp}
@@ -641,11 +685,8 @@ def main(argv=None) -> dict:
                     variants["ours_torch_dropout"] = dict(impl="ours", torch_dropout=True)
                 if same_malloc:
                     variants["official_same_malloc"] = dict(impl="official", keep_freed_memory=True)
-                rounds = {name: [] for name in variants}
-                for _ in range(args.train_rounds):  # interleaved: a slow spell of the machine hits all
-                    for name, variant in variants.items():
-                        rounds[name].append(drv.run(task="train", size=args.train_size, amp=amp, **variant, **common))
-                row.update({name: median_of_rounds(results) for name, results in rounds.items()})
+                row.update(run_rounds(drv, variants, args.train_rounds, task="train", size=args.train_size,
+                                      amp=amp, **common))
                 if args.official_repo:
                     a, b = row["ours"]["initial_loss_no_dropout"], row["official"]["initial_loss_no_dropout"]
                     row["loss_rel_diff"] = abs(a - b) / max(abs(b), 1e-12)
@@ -713,10 +754,20 @@ def _ratio(ours, official):
 def round_speedups(ours: dict, official: dict) -> Optional[List[float]]:
     """Official time over ours in each interleaved round (the rounds pair measurements taken
     minutes apart); None without rounds."""
-    a, b = ours.get("rounds_s_per_iter"), official.get("rounds_s_per_iter")
+    key = f"rounds_{_time_key(ours)}"
+    a, b = ours.get(key), official.get(key)
     if not a or not b or len(a) != len(b):
         return None
     return [o / x for x, o in zip(a, b)]
+
+
+def print_rounds(row: dict, ours_variants: List[str]) -> None:
+    """The official / ours time ratio of each round, where a row was measured in rounds."""
+    for variant in ours_variants:
+        for against in ("official", "official_same_malloc"):
+            ratios = round_speedups(row[variant], row[against]) if variant in row and against in row else None
+            if ratios and len(ratios) > 1:
+                print(f"  {against} / {variant}, round by round: " + ", ".join(f"{x:.2f}x" for x in ratios))
 
 
 def print_report(r: dict) -> None:
@@ -729,17 +780,21 @@ def print_report(r: dict) -> None:
               f"boxes {d['max_abs_boxes']:.2e} -> {'EQUAL' if d['pass'] else 'DIFFERENT'}")
     off = r["official"]
     print("\nsingle-scale R50")
+    gpu = r["environment"]["device"] != "cpu"
+    peak = "peak memory" if gpu else "peak RSS"
     print("| task | size | precision | ours | " + ("official | speed-up | " if off else "")
-          + "peak mem ours (MiB) | " + ("peak mem official (MiB) |" if off else ""))
-    print("|---|---|---|---|" + ("---|---|" if off else "") + "---|" + ("---|" if off else ""))
+          + f"{peak} ours (MiB) | " + (f"{peak} official (MiB) | " if off else "")
+          + ("" if gpu else "peak tensors ours (MiB) | " + ("peak tensors official (MiB) |" if off else "")))
+    print("|---|---|---|---|" + ("---|---|" if off else "") + ("---|---|" if off else "---|") * (1 if gpu else 2))
 
     def line(task, size, amp, o, f, key, unit):
         cells = [task, f"{size[0]}x{size[1]}", "AMP" if amp else "fp32", f"{o[key]:.3f} {unit}"]
         if f:
             cells += [f"{f[key]:.3f} {unit}", _ratio(o[key], f[key])]
-        cells.append(f"{o.get('peak_mem_mib', float('nan')):.0f}")
-        if f:
-            cells.append(f"{f.get('peak_mem_mib', float('nan')):.0f}")
+        for mem in ("peak_mem_mib",) + (() if gpu else ("tensor_peak_mib",)):
+            cells.append(f"{o.get(mem, float('nan')):.0f}")
+            if f:
+                cells.append(f"{f.get(mem, float('nan')):.0f}")
         print("| " + " | ".join(cells) + " |")
 
     for row in s["inference"]:
@@ -751,6 +806,7 @@ def print_report(r: dict) -> None:
                  row["official_same_malloc"], "s_per_image", "s/img")
             line("inference, optimized vs official with the same malloc setting", row["size"], row["amp"],
                  row["ours_optimized"], row["official_same_malloc"], "s_per_image", "s/img")
+        print_rounds(row, ["ours", "ours_optimized"])
     for row in s["train"]:
         line(f"train (batch {row['batch']})", row["size"], row["amp"], row["ours"], row.get("official"),
              "s_per_iter", "s/iter")
@@ -767,11 +823,7 @@ def print_report(r: dict) -> None:
                 line(f"train (batch {row['batch']}), channels-last vs official with the same malloc setting",
                      row["size"], row["amp"], row["ours_channels_last"], row["official_same_malloc"],
                      "s_per_iter", "s/iter")
-        for variant, against in [("ours", "official"), ("ours_channels_last", "official"),
-                                  ("ours", "official_same_malloc"), ("ours_channels_last", "official_same_malloc")]:
-            ratios = round_speedups(row[variant], row[against]) if variant in row and against in row else None
-            if ratios and len(ratios) > 1:
-                print(f"  {against} / {variant}, round by round: " + ", ".join(f"{x:.2f}x" for x in ratios))
+        print_rounds(row, ["ours", "ours_channels_last"])
         if "loss_equal" in row:
             print(f"  initial loss ours {row['ours']['initial_loss_no_dropout']:.6f} vs official "
                   f"{row['official']['initial_loss_no_dropout']:.6f} (rel. diff {row['loss_rel_diff']:.1e})"
@@ -809,13 +861,15 @@ def print_report(r: dict) -> None:
     if r.get("other_models"):
         print("\nother models (ours)")
         print("| model | precision | " + " | ".join(f"inference {k} (s/img)" for k in r["other_models"][0]["inference"])
-              + " | train (s/iter) | peak mem train (MiB) |")
-        print("|---" * (len(r["other_models"][0]["inference"]) + 4) + "|")
+              + f" | train (s/iter) | {peak} train (MiB) |" + ("" if gpu else " peak tensors train (MiB) |"))
+        print("|---" * (len(r["other_models"][0]["inference"]) + 4 + (not gpu)) + "|")
         for row in r["other_models"]:
             t = row["train"]
+            mems = ("peak_mem_mib",) + (() if gpu else ("tensor_peak_mib",))
             print(f"| {row['model']} | {'AMP' if row['amp'] else 'fp32'} | "
                   + " | ".join(f"{v['s_per_image']:.3f}" for v in row["inference"].values())
-                  + f" | {t['s_per_iter']:.3f} | {t.get('peak_mem_mib', float('nan')):.0f} |" if t else " | - | - |")
+                  + (f" | {t['s_per_iter']:.3f} | " + " | ".join(f"{t.get(m, float('nan')):.0f}" for m in mems) + " |"
+                     if t else " | -" * (1 + len(mems)) + " |"))
 
     if r.get("scaling"):
         print("\ninference time (s/img) vs image size and number of queries (single-scale)")

@@ -168,11 +168,48 @@ def test_median_of_rounds(speed):
               {"s_per_iter": 2.0, "peak_mem_mib": 20.0, "times": [2.0]}]
     merged = speed.median_of_rounds(rounds)
     assert merged["s_per_iter"] == 2.0 and merged["rounds_s_per_iter"] == [3.0, 1.0, 2.0]
-    assert merged["peak_mem_mib"] == 30.0 and merged["times"] == [3.0]
+    assert merged["peak_mem_mib"] == 20.0 and merged["rounds_peak_mem_mib"] == [10.0, 30.0, 20.0]
+    assert merged["times"] == [3.0]
     assert "rounds_s_per_iter" not in rounds[0]  # inputs untouched
     official = {"rounds_s_per_iter": [6.0, 3.0, 3.0]}
     assert speed.round_speedups(merged, official) == [2.0, 3.0, 1.5]
     assert speed.round_speedups(rounds[0], official) is None  # one process, no rounds
+    # inference rounds: times per image
+    images = speed.median_of_rounds([{"s_per_image": 1.0}, {"s_per_image": 4.0}, {"s_per_image": 2.0}])
+    assert images["s_per_image"] == 2.0 and images["rounds_s_per_image"] == [1.0, 4.0, 2.0]
+    assert "peak_mem_mib" not in images
+    assert speed.round_speedups(images, {"rounds_s_per_image": [2.0, 4.0, 3.0]}) == [2.0, 1.0, 1.5]
+
+
+def test_run_rounds_interleaves_variants(speed):
+    class Driver:
+        calls = []
+
+        def run(self, **spec):
+            self.calls.append((spec["impl"], spec.get("optimize", False), spec["task"]))
+            return {"s_per_image": float(len(self.calls))}
+
+    drv = Driver()
+    rows = speed.run_rounds(drv, {"ours": dict(impl="ours"), "opt": dict(impl="ours", optimize=True)}, 2,
+                            task="inference")
+    assert drv.calls == [("ours", False, "inference"), ("ours", True, "inference")] * 2
+    assert rows["ours"]["rounds_s_per_image"] == [1.0, 3.0] and rows["opt"]["rounds_s_per_image"] == [2.0, 4.0]
+
+
+def test_tensor_peak_counts_what_one_call_holds_at_once(speed):
+    import torch
+
+    keep = torch.zeros(4 * 2**18)  # exists before the call: not counted
+
+    def call():
+        a = torch.ones(8 * 2**18)  # 8 MiB
+        b = torch.ones(4 * 2**18)  # 4 MiB: 12 MiB held at once
+        del a
+        c = torch.ones(2 * 2**18)  # 6 MiB
+        return float(b.sum() + c.sum() + keep.sum())
+
+    assert speed.tensor_peak_mib(call) == pytest.approx(12.0, abs=0.01)
+    assert speed.tensor_peak_mib(lambda: None) == 0.0
 
 
 @pytest.mark.slow
@@ -184,7 +221,7 @@ def test_speed_benchmark_ours_small(tmp_path):
         sys.executable, os.path.join(REPO, "benchmarks", "speed.py"), "--sizes", "64x96",
         "--train-size", "64x96", "--scaling-sizes", "64x64", "--scaling-queries", "20",
         "--models", "smca_single_scale", "detr_baseline", "--warmup", "0", "--repeats", "1",
-        "--threads", "2", "--train-rounds", "2", "--output", str(out),
+        "--threads", "2", "--train-rounds", "2", "--inference-rounds", "2", "--output", str(out),
     ]
     run = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
@@ -192,7 +229,10 @@ def test_speed_benchmark_ours_small(tmp_path):
     inf, train = r["single_scale"]["inference"][0]["ours"], r["single_scale"]["train"][0]["ours"]
     assert inf["s_per_image"] > 0 and train["s_per_iter"] > 0 and train["initial_loss_no_dropout"] > 0
     assert len(train["rounds_s_per_iter"]) == 2 and run.stdout.count("ours     smca_single_scale train") == 2 * 3
-    assert train["peak_mem_mib"] > 0
+    assert train["peak_mem_mib"] > 0 and len(train["rounds_peak_mem_mib"]) == 2
+    assert len(inf["rounds_s_per_image"]) == 2 and run.stdout.count("ours     smca_single_scale inference") >= 2 * 2
+    assert inf["tensor_peak_mib"] > 0 and train["tensor_peak_mib"] > inf["tensor_peak_mib"]
+    assert "peak tensors ours (MiB)" in run.stdout
     parts = r["profile"]["ours"]["inference_parts_s"]
     assert set(parts) >= {"backbone", "encoder", "decoder", "gaussian_prior"}
     assert 0 < parts["backbone"] < r["profile"]["ours"]["inference_total_s"]
