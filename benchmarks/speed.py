@@ -674,6 +674,8 @@ def main(argv=None) -> dict:
                 variants["ours_optimized"] = dict(impl="ours", optimize=True)
                 if same_malloc:
                     variants["official_same_malloc"] = dict(impl="official", keep_freed_memory=True)
+                if args.device == "cpu":  # and ours with glibc's defaults, as the official code runs
+                    variants["ours_default_malloc"] = dict(impl="ours", keep_freed_memory=False)
                 row.update(run_rounds(drv, variants, args.inference_rounds, task="inference", size=size,
                                       amp=amp, **common))
                 single["inference"].append(row)
@@ -764,7 +766,7 @@ def round_speedups(ours: dict, official: dict) -> Optional[List[float]]:
 def print_rounds(row: dict, ours_variants: List[str]) -> None:
     """The official / ours time ratio of each round, where a row was measured in rounds."""
     for variant in ours_variants:
-        for against in ("official", "official_same_malloc"):
+        for against in ("official",) if variant == "ours_default_malloc" else ("official", "official_same_malloc"):
             ratios = round_speedups(row[variant], row[against]) if variant in row and against in row else None
             if ratios and len(ratios) > 1:
                 print(f"  {against} / {variant}, round by round: " + ", ".join(f"{x:.2f}x" for x in ratios))
@@ -806,7 +808,10 @@ def print_report(r: dict) -> None:
                  row["official_same_malloc"], "s_per_image", "s/img")
             line("inference, optimized vs official with the same malloc setting", row["size"], row["amp"],
                  row["ours_optimized"], row["official_same_malloc"], "s_per_image", "s/img")
-        print_rounds(row, ["ours", "ours_optimized"])
+        if "ours_default_malloc" in row:
+            line("inference, both with glibc's default malloc", row["size"], row["amp"], row["ours_default_malloc"],
+                 row.get("official"), "s_per_image", "s/img")
+        print_rounds(row, ["ours", "ours_optimized", "ours_default_malloc"])
     for row in s["train"]:
         line(f"train (batch {row['batch']})", row["size"], row["amp"], row["ours"], row.get("official"),
              "s_per_iter", "s/iter")
@@ -886,43 +891,59 @@ def print_report(r: dict) -> None:
                   + (f" | {_ratio(row['ours'], row['official'])} |" if off else " |"))
 
 
+_BAR_LEGEND = {"ours_optimized": "ours optimized (inference) / channels-last (train)",
+               "official_same_malloc": "official, same malloc setting as ours"}
+
+
+def _bars(ax, s: dict, names: List[str], field, ylabel: str, title: str, fmt: str) -> None:
+    """Grouped bars, one group per single-scale task (inference sizes, training), one bar per
+    variant in ``names`` ("ours_optimized" stands for channels-last in training); ``field(row
+    entry, task)`` gives a bar's height (None: no bar)."""
+    labels, values = [], {i: [] for i in names}
+    for task, rows in (("inference", s["inference"]), ("train", s["train"])):
+        for row in rows:
+            labels.append((f"infer {row['size'][0]}x{row['size'][1]}" if task == "inference" else f"train b{row['batch']}")
+                          + (" AMP" if row["amp"] else ""))
+            for i in names:
+                key = "ours_channels_last" if task == "train" and i == "ours_optimized" else i
+                values[i].append((field(row[key], task) if key in row else None) or 0)
+    width = 0.8 / len(names)
+    for k, name in enumerate(names):
+        xs = [x + (k - (len(names) - 1) / 2) * width for x in range(len(labels))]
+        bars = ax.bar(xs, values[name], width, label=_BAR_LEGEND.get(name, name))
+        ax.bar_label(bars, labels=[fmt.format(v) if v else "" for v in values[name]], fontsize=6)
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=15)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    tallest = max((v for vals in values.values() for v in vals), default=0) or 1.0
+    ax.set_ylim(0, tallest * 1.7)  # room for the legend above the bars
+    ax.legend(fontsize=8, loc="upper left")
+
+
 def plot_report(r: dict, path: str) -> None:
-    """PNG: single-scale times ours vs official; inference time vs image size and vs queries."""
+    """PNG: single-scale times and peak memory, ours vs official; inference time vs image size and
+    vs queries."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     impls = ["ours"] + (["official"] if r["official"] else [])
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     s = r["single_scale"]
     names = impls[:1] + ["ours_optimized"] + impls[1:]
     if any("official_same_malloc" in row for row in s["inference"] + s["train"]):
         names.append("official_same_malloc")
-    labels, values = [], {i: [] for i in names}
-    for row in s["inference"]:
-        labels.append(f"infer {row['size'][0]}x{row['size'][1]}" + (" AMP" if row["amp"] else ""))
-        for i in names:
-            values[i].append(row[i]["s_per_image"] if i in row else 0)
-    for row in s["train"]:
-        labels.append(f"train b{row['batch']}" + (" AMP" if row["amp"] else ""))
-        for i in names:
-            key = "ours_channels_last" if i == "ours_optimized" else i
-            values[i].append(row[key]["s_per_iter"] if key in row else 0)
-    legend = {"ours_optimized": "ours optimized (inference) / channels-last (train)",
-              "official_same_malloc": "official, same malloc setting as ours"}
-    width = 0.8 / len(names)
-    for k, name in enumerate(names):
-        xs = [x + (k - (len(names) - 1) / 2) * width for x in range(len(labels))]
-        axes[0].bar(xs, values[name], width, label=legend.get(name, name))
-    axes[0].set_xticks(range(len(labels)))
-    axes[0].set_xticklabels(labels, rotation=15)
-    axes[0].set_ylabel("seconds")
-    axes[0].set_title("single-scale R50")
-    tallest = max((v for vals in values.values() for v in vals), default=1.0)
-    axes[0].set_ylim(0, tallest * 1.7)  # room for the legend above the bars
-    axes[0].legend(fontsize=8, loc="upper left")
+    _bars(axes[0], s, names, lambda e, task: e["s_per_image" if task == "inference" else "s_per_iter"],
+          "seconds", "single-scale R50: time", "{:.2f}")
+    # Peak memory: the tensors' peak on the CPU (the same for both malloc settings), the allocator's
+    # on a GPU.
+    mem = "tensor_peak_mib" if r["environment"]["device"] == "cpu" else "peak_mem_mib"
+    _bars(axes[1], s, [n for n in names if n != "official_same_malloc"], lambda e, task: e.get(mem), "MiB",
+          "single-scale R50: peak " + ("tensor memory" if mem == "tensor_peak_mib" else "memory"), "{:.0f}")
     sc = r.get("scaling")
+    axes = axes[1:]
     if sc:
         for i in impls:
             axes[1].plot([row["size"][0] * row["size"][1] / 1e6 for row in sc["sizes"]],

@@ -233,6 +233,10 @@ def test_speed_benchmark_ours_small(tmp_path):
     assert len(inf["rounds_s_per_image"]) == 2 and run.stdout.count("ours     smca_single_scale inference") >= 2 * 2
     assert inf["tensor_peak_mib"] > 0 and train["tensor_peak_mib"] > inf["tensor_peak_mib"]
     assert "peak tensors ours (MiB)" in run.stdout
+    # ours also with glibc's default malloc, as the official code runs
+    default_malloc = r["single_scale"]["inference"][0]["ours_default_malloc"]
+    assert default_malloc["s_per_image"] > 0 and "keep_freed_memory" not in default_malloc
+    assert "| inference, both with glibc's default malloc | 64x96 |" in run.stdout
     parts = r["profile"]["ours"]["inference_parts_s"]
     assert set(parts) >= {"backbone", "encoder", "decoder", "gaussian_prior"}
     assert 0 < parts["backbone"] < r["profile"]["ours"]["inference_total_s"]
