@@ -521,6 +521,13 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.amp and not args.device.startswith("cuda"):
         parser.error("--amp needs --device cuda")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not args.worker and not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: torch sees no CUDA device on this machine")
+    elif args.device != "cpu":
+        parser.error(f"--device {args.device!r}: expected cpu or cuda[:N]")
     if args.official_repo and not os.path.isfile(os.path.join(args.official_repo, "models", "detr.py")):
         parser.error(f"--official-repo {args.official_repo!r} is not a work tree of SMCA-DETR (no models/detr.py)")
     return args

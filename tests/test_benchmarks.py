@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from smca_d2.engine.memory import glibc_malloc
 
@@ -147,7 +148,16 @@ def test_speed_arguments(speed):
     with pytest.raises(SystemExit):
         speed.parse_args(["--amp"])  # AMP needs CUDA
     with pytest.raises(SystemExit):
+        speed.parse_args(["--device", "tpu"])
+    with pytest.raises(SystemExit):
         speed.parse_args(["--official-repo", "/nonexistent/SMCA-DETR"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_speed_without_cuda_says_so(speed, capsys):
+    with pytest.raises(SystemExit):
+        speed.parse_args(["--device", "cuda"])
+    assert "no CUDA device" in capsys.readouterr().err
 
 
 def test_speed_output_comparison(speed, tmp_path):
