@@ -791,6 +791,7 @@ def print_report(r: dict) -> None:
     print("\nsingle-scale R50")
     gpu = r["environment"]["device"] != "cpu"
     peak = "peak memory" if gpu else "peak RSS"
+    mems = ("peak_mem_mib",) + (() if gpu else ("tensor_peak_mib",))  # the memory columns
     print("| task | size | precision | ours | " + ("official | speed-up | " if off else "")
           + f"{peak} ours (MiB) | " + (f"{peak} official (MiB) | " if off else "")
           + ("" if gpu else "peak tensors ours (MiB) | " + ("peak tensors official (MiB) |" if off else "")))
@@ -800,7 +801,7 @@ def print_report(r: dict) -> None:
         cells = [task, f"{size[0]}x{size[1]}", "AMP" if amp else "fp32", f"{o[key]:.3f} {unit}"]
         if f:
             cells += [f"{f[key]:.3f} {unit}", _ratio(o[key], f[key])]
-        for mem in ("peak_mem_mib",) + (() if gpu else ("tensor_peak_mib",)):
+        for mem in mems:
             cells.append(f"{o.get(mem, float('nan')):.0f}")
             if f:
                 cells.append(f"{f.get(mem, float('nan')):.0f}")
@@ -877,7 +878,6 @@ def print_report(r: dict) -> None:
         print("|---" * (len(r["other_models"][0]["inference"]) + 4 + (not gpu)) + "|")
         for row in r["other_models"]:
             t = row["train"]
-            mems = ("peak_mem_mib",) + (() if gpu else ("tensor_peak_mib",))
             print(f"| {row['model']} | {'AMP' if row['amp'] else 'fp32'} | "
                   + " | ".join(f"{v['s_per_image']:.3f}" for v in row["inference"].values())
                   + (f" | {t['s_per_iter']:.3f} | " + " | ".join(f"{t.get(m, float('nan')):.0f}" for m in mems) + " |"
@@ -950,18 +950,18 @@ def plot_report(r: dict, path: str) -> None:
     _bars(axes[1], s, [n for n in names if n != "official_same_malloc"], lambda e, task: e.get(mem), "MiB",
           "single-scale R50: peak " + ("tensor memory" if mem == "tensor_peak_mib" else "memory"), "{:.0f}")
     sc = r.get("scaling")
-    axes = axes[1:]
     if sc:
+        by_size, by_queries = axes[2], axes[3]
         for i in impls:
-            axes[1].plot([row["size"][0] * row["size"][1] / 1e6 for row in sc["sizes"]],
+            by_size.plot([row["size"][0] * row["size"][1] / 1e6 for row in sc["sizes"]],
                          [row[i] for row in sc["sizes"]], marker="o", label=i)
-            axes[2].plot([row["num_queries"] for row in sc["queries"]], [row[i] for row in sc["queries"]],
-                         marker="o", label=i)
-        axes[1].set_xlabel("image megapixels")
-        axes[1].set_title("inference vs image size")
-        axes[2].set_xlabel("queries")
-        axes[2].set_title("inference vs number of queries")
-        for ax in axes[1:]:
+            by_queries.plot([row["num_queries"] for row in sc["queries"]], [row[i] for row in sc["queries"]],
+                            marker="o", label=i)
+        by_size.set_xlabel("image megapixels")
+        by_size.set_title("inference vs image size")
+        by_queries.set_xlabel("queries")
+        by_queries.set_title("inference vs number of queries")
+        for ax in (by_size, by_queries):
             ax.set_ylabel("s / image")
             ax.grid(alpha=0.3)
             ax.legend()

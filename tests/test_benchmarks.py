@@ -161,8 +161,6 @@ def test_speed_without_cuda_says_so(speed, capsys):
 
 
 def test_speed_output_comparison(speed, tmp_path):
-    import torch
-
     layers = [(torch.zeros(1, 3, 4), torch.zeros(1, 3, 4)) for _ in range(2)]
     other = [(x.clone(), y.clone()) for x, y in layers]
     other[1][0][0, 0, 0] = 0.5
@@ -207,8 +205,6 @@ def test_run_rounds_interleaves_variants(speed):
 
 
 def test_tensor_peak_counts_what_one_call_holds_at_once(speed):
-    import torch
-
     keep = torch.zeros(4 * 2**18)  # exists before the call: not counted
 
     def call():
