@@ -8,7 +8,15 @@ export.
     from smca_d2.inference.export import export_program
 """
 from .demo import collect_inputs, draw_instances, filter_instances, instances_to_json, run_on_image, run_on_video
-from .predictor import LazyPredictor, build_test_augmentations, dataset_class_names, load_config
+from .predictor import (
+    LazyPredictor,
+    build_test_augmentations,
+    dataset_class_names,
+    load_config,
+    load_inference_weights,
+    record_missing_weights,
+    warn_if_untrained,
+)
 
 __all__ = [
     "LazyPredictor",
@@ -19,6 +27,9 @@ __all__ = [
     "filter_instances",
     "instances_to_json",
     "load_config",
+    "load_inference_weights",
+    "record_missing_weights",
     "run_on_image",
     "run_on_video",
+    "warn_if_untrained",
 ]

@@ -136,14 +136,15 @@ def run_on_image(predictor, image: np.ndarray, confidence_threshold: float = 0.5
     """Run ``predictor`` on one image and draw the detections above the threshold.
 
     Args:
-        predictor: a :class:`LazyPredictor` (or anything with ``__call__``, ``input_format``
-            and ``class_names``).
+        predictor: a :class:`LazyPredictor`, or anything with ``input_format``, ``class_names``
+            and a ``__call__`` that returns ``{"instances": Instances}`` as Detectron2's
+            ``DefaultPredictor`` does.
         image: HxWx3 uint8 in ``predictor.input_format``.
 
     Returns:
         (kept Instances, RGB drawing)
     """
-    instances = filter_instances(predictor(image), confidence_threshold)
+    instances = filter_instances(predictor(image)["instances"], confidence_threshold)
     image_rgb = image[:, :, ::-1] if predictor.input_format == "BGR" else image
     return instances, draw_instances(np.ascontiguousarray(image_rgb), instances, predictor.class_names)
 

@@ -3,14 +3,23 @@
 Usage::
 
     predictor = LazyPredictor("configs/demo/smca_r18_synthetic.py", "model_final.pth")
-    instances = predictor(cv2.imread("photo.jpg"))  # BGR uint8 HxWx3
+    image = cv2.imread("photo.jpg")  # BGR uint8 HxWx3
+    instances = predictor(image)["instances"]  # {"instances": Instances}, as DefaultPredictor returns
+    instances = predictor.instances(image)  # the same, bare
     print(instances.pred_boxes, instances.scores, instances.pred_classes)
+
+Loading weights for inference also checks that the checkpoint holds weights for the whole model:
+:func:`load_inference_weights` (what ``LazyPredictor`` uses) warns when parts of the model keep
+their random initialisation, e.g. with a backbone-only (ImageNet-pretrained) checkpoint. Code that
+loads a checkpoint some other way can do the same check with :func:`record_missing_weights` and
+:func:`warn_if_untrained`.
 """
+import contextlib
 import copy
 import json
 import logging
 import os
-from typing import Dict, List, Optional, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -28,7 +37,17 @@ from smca_d2.engine.config import load_config as load_checked_config
 from smca_d2.engine.ema import use_ema_weights
 from smca_d2.modeling.fusion import optimize_for_inference
 
-__all__ = ["LazyPredictor", "build_test_augmentations", "dataset_class_names", "load_config"]
+__all__ = [
+    "LazyPredictor",
+    "MissingWeightsRecord",
+    "build_test_augmentations",
+    "dataset_class_names",
+    "load_config",
+    "load_inference_weights",
+    "missing_weight_parts",
+    "record_missing_weights",
+    "warn_if_untrained",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -113,17 +132,160 @@ def _default_device(cfg) -> str:
     return wanted
 
 
+# ---------------------------------------------------------------------------------------------
+# Checking that a checkpoint holds weights for the whole model
+# ---------------------------------------------------------------------------------------------
+#: Parts of a model that only compute training losses: weights missing there do not matter.
+TRAINING_ONLY_PARTS = ("criterion",)
+
+
+class MissingWeightsRecord:
+    """What :func:`record_missing_weights` saw.
+
+    Attributes:
+        missing_keys: the model's state-dict keys that the last ``model.load_state_dict`` call did
+            not receive (tensors of the wrong shape, which detectron2's checkpointer drops before
+            loading, included); None while ``load_state_dict`` was not called.
+    """
+
+    def __init__(self):
+        self.missing_keys: Optional[List[str]] = None
+
+
+@contextlib.contextmanager
+def record_missing_weights(model: torch.nn.Module) -> Iterator[MissingWeightsRecord]:
+    """Record, while the context is open, which weights ``model.load_state_dict`` leaves unloaded.
+
+    Works with any checkpointer that loads through ``model.load_state_dict`` (detectron2's
+    ``DetectionCheckpointer``, :class:`~smca_d2.checkpoint.SafeCheckpointer`)::
+
+        with record_missing_weights(model) as record:
+            SafeCheckpointer(model).resume_or_load(path, resume=False)
+        warn_if_untrained(model, record.missing_keys, checkpoint=path)
+    """
+    record = MissingWeightsRecord()
+
+    def hook(module, incompatible_keys):
+        record.missing_keys = list(incompatible_keys.missing_keys)
+
+    handle = model.register_load_state_dict_post_hook(hook)
+    try:
+        yield record
+    finally:
+        handle.remove()
+
+
+def _tensors(n: int) -> str:
+    return f"{n} tensor" if n == 1 else f"{n} tensors"
+
+
+def _part(key: str) -> str:
+    return key.split(".", 1)[0]
+
+
+def missing_weight_parts(model: torch.nn.Module, missing_keys: Sequence[str]) -> Dict[str, Tuple[int, int]]:
+    """The parts of ``model`` (its direct children, e.g. ``backbone``, ``transformer``,
+    ``class_embed``) that ``missing_keys`` leaves without some of their weights.
+
+    A tensor shared under several names counts as loaded when one of its names was loaded. Parts
+    in :data:`TRAINING_ONLY_PARTS` are ignored.
+
+    Returns:
+        ``{part: (number of its state-dict tensors missing, number of its tensors)}``, in the
+        order of the model's state dict, for the parts with at least one tensor missing.
+    """
+    missing = set(missing_keys)
+    names_of: Dict[int, List[str]] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        names_of.setdefault(id(tensor), []).append(key)
+    counts: Dict[str, List[int]] = {}
+    for names in names_of.values():
+        part = _part(names[0])
+        if part in TRAINING_ONLY_PARTS:
+            continue
+        count = counts.setdefault(part, [0, 0])
+        count[1] += 1
+        if all(name in missing for name in names):
+            count[0] += 1
+    return {part: (n, total) for part, (n, total) in counts.items() if n > 0}
+
+
+def warn_if_untrained(
+    model: torch.nn.Module, missing_keys: Optional[Sequence[str]], checkpoint: str = ""
+) -> Optional[str]:
+    """Warn (logger ``smca_d2.inference.predictor``) that detections will be meaningless when the
+    checkpoint left parts of ``model`` with their random initialisation, e.g. a backbone-only
+    (ImageNet-pretrained) checkpoint: no weights for the transformer and the heads.
+
+    Args:
+        model: the model the checkpoint was loaded into.
+        missing_keys: the model's state-dict keys the checkpoint did not provide (see
+            :func:`record_missing_weights`); None means that nothing was loaded.
+        checkpoint: the checkpoint's name, for the message.
+
+    Returns:
+        the warning, or None when every weight was loaded.
+    """
+    if missing_keys is None:
+        missing_keys = list(model.state_dict().keys())
+    parts = missing_weight_parts(model, missing_keys)
+    if not parts:
+        return None
+    absent = [f"{part} ({_tensors(total)})" for part, (n, total) in parts.items() if n == total]
+    partial = [f"{part} ({n} of {_tensors(total)})" for part, (n, total) in parts.items() if n < total]
+    what = []
+    if absent:
+        what.append("no weights for " + ", ".join(absent))
+    if partial:
+        what.append("weights missing for part of " + ", ".join(partial))
+    source = f"the checkpoint {checkpoint}" if checkpoint else "the checkpoint"
+    message = (
+        f"{source} has {'; '.join(what)}: these keep their random initialisation and the detections will "
+        "be meaningless. Pass a trained SMCA-DETR checkpoint (the model_final.pth of train_net.py, or an "
+        "official one converted with tools/convert_official_smca.py); a backbone-only checkpoint "
+        "(e.g. ImageNet-pretrained) is only a starting point for training."
+    )
+    logger.warning(message)
+    return message
+
+
+def load_inference_weights(model: torch.nn.Module, checkpoint: str, *, ema_weights: bool = False) -> List[str]:
+    """Load ``checkpoint`` into ``model`` with :class:`~smca_d2.checkpoint.SafeCheckpointer` and
+    warn (:func:`warn_if_untrained`) if it does not provide weights for the whole model.
+
+    Args:
+        ema_weights: use the checkpoint's averaged (EMA) weights when it has them.
+
+    Returns:
+        the model's state-dict keys that the checkpoint did not provide.
+    """
+    with record_missing_weights(model) as record:
+        SafeCheckpointer(model, ema_weights=ema_weights).load(checkpoint)
+    missing = record.missing_keys if record.missing_keys is not None else list(model.state_dict().keys())
+    warn_if_untrained(model, missing, checkpoint)
+    return missing
+
+
 class LazyPredictor:
     """Builds ``cfg.model``, loads its weights and runs it on one image at a time.
 
     Like Detectron2's ``DefaultPredictor``, it (1) loads a checkpoint, (2) converts the image from
     ``input_format`` to the model's ``input_format``, (3) applies the config's test-time resize
     (``cfg.dataloader.test.mapper.augmentations``) and (4) returns the detections of that one
-    image, in the coordinates of the image it was given. Usage::
+    image, in the coordinates of the image it was given.
+
+    Calling the predictor returns what ``DefaultPredictor`` returns, ``{"instances": Instances}``;
+    :meth:`instances` returns the bare ``Instances``. Usage::
 
         predictor = LazyPredictor("configs/smca_single_scale_r50_50ep.py", "model_final.pth")
-        instances = predictor(cv2.imread("input.jpg"))
+        image = cv2.imread("input.jpg")
+        instances = predictor(image)["instances"]  # as with DefaultPredictor
+        instances = predictor.instances(image)  # the same, without the dict
         keep = instances[instances.scores > 0.5]
+
+    A checkpoint that does not hold weights for the whole model (e.g. a backbone-only, ImageNet
+    pretrained one: the transformer and the heads keep their random initialisation) is loaded with
+    a warning that the detections will be meaningless (:func:`warn_if_untrained`).
 
     Attributes:
         cfg: the config (a copy; overrides applied).
@@ -131,6 +293,9 @@ class LazyPredictor:
         augmentations: the test-time augmentations.
         input_format: channel order of the images given to :meth:`__call__`.
         model_format: channel order the model expects.
+        missing_weights: the state-dict keys of the model as built (before ``optimize``) that the
+            checkpoint did not provide (all of them without a checkpoint); empty when every
+            weight was loaded.
     """
 
     def __init__(
@@ -175,9 +340,14 @@ class LazyPredictor:
             checkpoint = _select(self.cfg, "train.init_checkpoint", "") or ""
         self.checkpoint = checkpoint
         if checkpoint:
-            SafeCheckpointer(self.model, ema_weights=use_ema_weights(self.cfg)).load(checkpoint)
+            self.missing_weights = load_inference_weights(
+                self.model, checkpoint, ema_weights=use_ema_weights(self.cfg)
+            )
         else:
-            logger.warning("LazyPredictor: no checkpoint given, the model has random weights")
+            self.missing_weights = list(self.model.state_dict().keys())
+            logger.warning(
+                "LazyPredictor: no checkpoint given, the model has random weights: the detections will be meaningless"
+            )
         if optimize:
             optimize_for_inference(self.model)
 
@@ -228,8 +398,8 @@ class LazyPredictor:
         return {"image": tensor, "height": height, "width": width}
 
     @torch.no_grad()
-    def __call__(self, image: np.ndarray) -> Instances:
-        """Detections on one image.
+    def instances(self, image: np.ndarray) -> Instances:
+        """Detections on one image, as a bare ``Instances`` (``self(image)["instances"]``).
 
         Args:
             image: HxWx3 uint8 array in ``self.input_format`` (BGR by default, as ``cv2.imread``).
@@ -240,3 +410,14 @@ class LazyPredictor:
         """
         inputs = self.preprocess(image)
         return self.model([inputs])[0]["instances"].to("cpu")
+
+    def __call__(self, image: np.ndarray) -> Dict[str, Instances]:
+        """Detections on one image, in the form Detectron2's ``DefaultPredictor`` returns them.
+
+        Args:
+            image: HxWx3 uint8 array in ``self.input_format`` (BGR by default, as ``cv2.imread``).
+
+        Returns:
+            ``{"instances": Instances}``: see :meth:`instances`.
+        """
+        return {"instances": self.instances(image)}

@@ -1,15 +1,23 @@
-"""LazyPredictor: detections in original image coordinates, channel order, checkpoints, metadata."""
+"""LazyPredictor: detections in original image coordinates, DefaultPredictor's output form, channel
+order, checkpoints (and the warning for checkpoints without weights for the whole model), metadata."""
+import contextlib
+import logging
+
 import numpy as np
 import pytest
 import torch
 
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyCall as L
+from detectron2.config import instantiate
 from detectron2.data import DatasetCatalog
 from detectron2.data import transforms as T
 from detectron2.data.datasets import register_coco_instances
+from detectron2.structures import Instances
 
 from conftest import write_tiny_coco
-from smca_d2.inference import LazyPredictor, build_test_augmentations
+from smca_d2.inference import LazyPredictor, build_test_augmentations, record_missing_weights, warn_if_untrained
+from smca_d2.inference.predictor import missing_weight_parts
 from tiny_smca import random_image, tiny_config, write_checkpoint
 
 
@@ -28,7 +36,7 @@ def test_detections_in_original_image_size(checkpoint):
     image = random_image(90, 120)
     inputs = predictor.preprocess(image)
     assert tuple(inputs["image"].shape) == (3, 64, 85)  # resized: shorter side 64
-    instances = predictor(image)
+    instances = predictor.instances(image)
     assert instances.image_size == (90, 120)
     assert 0 < len(instances) <= predictor.model.test_topk
     boxes = instances.pred_boxes.tensor
@@ -40,6 +48,26 @@ def test_detections_in_original_image_size(checkpoint):
     assert ((instances.pred_classes >= 0) & (instances.pred_classes < 5)).all()
 
 
+def test_call_returns_what_default_predictor_returns(checkpoint):
+    path, _ = checkpoint
+    cfg = tiny_config()
+    cfg.dataloader.test.mapper.augmentations = [L(T.ResizeShortestEdge)(short_edge_length=64, max_size=100)]
+    predictor = LazyPredictor(cfg, path, device="cpu")
+    image = random_image(90, 120, seed=5)
+    outputs = predictor(image)
+    # detectron2.engine.DefaultPredictor: {"instances": Instances of the original image size}
+    assert isinstance(outputs, dict) and set(outputs) == {"instances"}
+    instances = outputs["instances"]
+    assert isinstance(instances, Instances)
+    assert instances.image_size == (90, 120)
+    assert instances.has("pred_boxes") and instances.has("scores") and instances.has("pred_classes")
+    # The bare Instances are the same detections.
+    bare = predictor.instances(image)
+    assert isinstance(bare, Instances) and bare.image_size == (90, 120)
+    assert torch.equal(bare.pred_boxes.tensor, instances.pred_boxes.tensor)
+    assert torch.equal(bare.scores, instances.scores) and torch.equal(bare.pred_classes, instances.pred_classes)
+
+
 def test_channel_order_is_converted(checkpoint):
     path, _ = checkpoint
     cfg = tiny_config()
@@ -47,13 +75,13 @@ def test_channel_order_is_converted(checkpoint):
     rgb = LazyPredictor(cfg, path, device="cpu", input_format="RGB")
     assert bgr.model_format == "RGB"  # the model's input_format
     image = random_image(64, 80, seed=3)
-    a, b = bgr(image), rgb(np.ascontiguousarray(image[:, :, ::-1]))
+    a, b = bgr.instances(image), rgb.instances(np.ascontiguousarray(image[:, :, ::-1]))
     assert torch.equal(a.pred_boxes.tensor, b.pred_boxes.tensor) and torch.equal(a.scores, b.scores)
     # The same as calling the model on the RGB tensor directly.
     direct = rgb.model([{"image": torch.as_tensor(image[:, :, ::-1].astype("float32").transpose(2, 0, 1))}])
     assert torch.allclose(direct[0]["instances"].scores, a.scores)
     # A BGR image given as RGB gives different detections.
-    assert not torch.equal(rgb(image).scores, a.scores)
+    assert not torch.equal(rgb.instances(image).scores, a.scores)
 
 
 def test_checkpoint_is_loaded(checkpoint):
@@ -66,7 +94,7 @@ def test_checkpoint_is_loaded(checkpoint):
     optimized = LazyPredictor(cfg, path, device="cpu")
     assert not any("norm" in k for k in optimized.model.backbone.state_dict())
     image = np.random.default_rng(0).integers(0, 255, size=(64, 80, 3), dtype=np.uint8)
-    a, b = predictor(image), optimized(image)
+    a, b = predictor.instances(image), optimized.instances(image)
     assert torch.allclose(a.scores, b.scores, atol=1e-4)
     assert torch.allclose(a.pred_boxes.tensor, b.pred_boxes.tensor, atol=1e-2)
     # checkpoint=None reads train.init_checkpoint, like DefaultPredictor reads MODEL.WEIGHTS.
@@ -126,3 +154,105 @@ def test_rejects_bad_images():
         predictor(np.zeros((10, 10), dtype=np.uint8))
     with pytest.raises(ValueError, match="input_format"):
         LazyPredictor(tiny_config(), "", device="cpu", input_format="YUV")
+
+
+@contextlib.contextmanager
+def predictor_warnings():
+    """The warnings logged by smca_d2.inference.predictor (caplog misses them once detectron2's
+    setup_logger has stopped the "smca_d2" logger from propagating)."""
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: records.append(record.getMessage())
+    log = logging.getLogger("smca_d2.inference.predictor")
+    log.addHandler(handler)
+    try:
+        yield records
+    finally:
+        log.removeHandler(handler)
+
+
+def _meaningless(messages):
+    return [m for m in messages if "meaningless" in m]
+
+
+def test_backbone_only_checkpoint_warns(checkpoint, tmp_path):
+    path, written = checkpoint
+    backbone = {k: v for k, v in written.state_dict().items() if k.startswith("backbone.")}
+    others = [k for k in written.state_dict() if not k.startswith("backbone.")]
+    assert backbone and others
+    backbone_path = str(tmp_path / "backbone_only.pth")
+    torch.save({"model": backbone}, backbone_path)
+    with predictor_warnings() as messages:
+        predictor = LazyPredictor(tiny_config(), backbone_path, device="cpu", optimize=False)
+    (message,) = _meaningless(messages)
+    assert backbone_path in message
+    for part in ["transformer", "input_proj", "query_embed", "class_embed", "bbox_embed"]:
+        assert f"{part} (" in message, part
+    assert "backbone (" not in message  # it was loaded
+    assert "no weights for transformer" in message and "trained SMCA-DETR checkpoint" in message
+    assert sorted(predictor.missing_weights) == sorted(others)
+    state = predictor.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in backbone.items())
+
+
+def test_full_checkpoint_does_not_warn(checkpoint):
+    path, _ = checkpoint
+    with predictor_warnings() as messages:
+        predictor = LazyPredictor(tiny_config(), path, device="cpu")
+    assert _meaningless(messages) == []
+    assert predictor.missing_weights == []
+
+
+def test_no_checkpoint_warns():
+    with predictor_warnings() as messages:
+        predictor = LazyPredictor(tiny_config(), "", device="cpu", optimize=False)
+    assert len(_meaningless(messages)) == 1
+    assert sorted(predictor.missing_weights) == sorted(predictor.model.state_dict())
+
+
+def test_partly_missing_weights_are_named(checkpoint, tmp_path):
+    path, written = checkpoint
+    # Another number of classes: class_embed has the wrong shape and is not loaded.
+    cfg = tiny_config()
+    cfg.model.num_classes = 3
+    with predictor_warnings() as messages:
+        predictor = LazyPredictor(cfg, path, device="cpu")
+    (message,) = _meaningless(messages)
+    assert "no weights for class_embed (2 tensors)" in message and "transformer" not in message
+    assert sorted(predictor.missing_weights) == ["class_embed.bias", "class_embed.weight"]
+    # Two tensors of the transformer missing: that part is named with the count.
+    state = {k: v for k, v in written.state_dict().items()}
+    dropped = [k for k in state if k.startswith("transformer.")][:2]
+    for k in dropped:
+        del state[k]
+    partial_path = str(tmp_path / "partial.pth")
+    torch.save({"model": state}, partial_path)
+    with predictor_warnings() as messages:
+        LazyPredictor(tiny_config(), partial_path, device="cpu")
+    (message,) = _meaningless(messages)
+    total = sum(1 for k in written.state_dict() if k.startswith("transformer."))
+    assert f"weights missing for part of transformer (2 of {total} tensors)" in message
+    assert "no weights for" not in message
+
+
+def test_missing_weight_helpers_for_other_loaders(checkpoint):
+    """record_missing_weights + warn_if_untrained, as train_net.py --eval-only could use them with
+    detectron2's own checkpointer."""
+    path, written = checkpoint
+    torch.manual_seed(0)
+    model = instantiate(tiny_config().model)
+    with record_missing_weights(model) as record:
+        assert record.missing_keys is None
+        DetectionCheckpointer(model).load(path)
+    assert record.missing_keys == []
+    assert warn_if_untrained(model, record.missing_keys, path) is None
+    # The hook is removed with the context.
+    model.load_state_dict({}, strict=False)
+    assert record.missing_keys == []
+    # None: nothing was loaded.
+    with predictor_warnings() as messages:
+        message = warn_if_untrained(model, None)
+    assert messages == [message] and "no weights for backbone" in message
+    parts = missing_weight_parts(model, [k for k in model.state_dict() if not k.startswith("backbone.")])
+    assert "backbone" not in parts and parts["transformer"][0] == parts["transformer"][1] > 0
+    assert missing_weight_parts(model, []) == {}
