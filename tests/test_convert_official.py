@@ -17,6 +17,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
 
 from smca_d2.checkpoint import (
+    SafeCheckpointer,
     UnsafeCheckpointError,
     check_complete,
     convert_official_state_dict,
@@ -310,11 +311,9 @@ def test_cli_writes_a_detectron2_checkpoint(model80, official_sd, images, refere
     with torch.no_grad():  # forget any earlier weights
         for t in model80.state_dict().values():
             t.zero_()
-    checkpointer = DetectionCheckpointer(model80)
-    incompatible = checkpointer._load_model(checkpointer._load_file(str(dst)))
-    assert not incompatible.missing_keys and not incompatible.unexpected_keys
-    assert not incompatible.incorrect_shapes
-    checkpointer.load(str(dst))  # the public path, as for train.init_checkpoint
+    # strict: any missing, unexpected or mis-shaped tensor is an error
+    SafeCheckpointer(model80, strict=True).load(str(dst))
+    DetectionCheckpointer(model80).load(str(dst))  # plain detectron2 reads it too
     for ref, out in zip(reference, raw_outputs(model80, images)):
         torch.testing.assert_close(out["pred_logits"], ref["pred_logits"][..., COCO_IDS], rtol=0, atol=1e-6)
 

@@ -16,6 +16,11 @@ is ``last_checkpoint`` updated, the same way. A process killed at any moment lea
 or the new file, never a partial one, and ``last_checkpoint`` always names a complete checkpoint.
 A model with NaN/inf weights is not saved (the last good checkpoint stays the last one).
 
+A checkpoint given as a URL (``detectron2://...``, ``https://...``) is fetched first; if it cannot
+be fetched (no network), :class:`CheckpointUnavailableError` names the file and how to pass a local
+copy. ``PATH?matching_heuristics=True`` loads with detectron2's name-matching heuristics (detectron2
+``main`` parses that query itself; for ``v0.6`` it is parsed here).
+
 Loading into a model (:meth:`SafeCheckpointer.load`): tensors whose shapes do not fit the model
 are skipped (they keep the model's freshly initialised values), as in detectron2, but reported in
 one summary naming every such tensor; with ``strict=True`` (``train.strict_load=True``, and always
@@ -27,6 +32,7 @@ import os
 import pickle
 import re
 from typing import Any, Dict, List, Optional
+from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 import torch
@@ -39,6 +45,7 @@ __all__ = [
     "EMA_KEY",
     "TRUST_ENV",
     "CheckpointMismatchError",
+    "CheckpointUnavailableError",
     "NonFiniteWeightsError",
     "SafeCheckpointer",
     "UnsafeCheckpointError",
@@ -60,6 +67,15 @@ EMA_KEY = "model_ema"
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the model (strict loading)."""
+
+
+class CheckpointUnavailableError(FileNotFoundError):
+    """A checkpoint URL that cannot be fetched, or a checkpoint path that does not exist."""
+
+
+#: detectron2 ``main`` parses ``?matching_heuristics=True`` in ``DetectionCheckpointer.load`` and
+#: reads ``.pth`` files through ``_torch_load``; ``v0.6`` has neither (see smca_d2.compat).
+UPSTREAM_URL_QUERIES = hasattr(DetectionCheckpointer, "_torch_load")
 
 
 class NonFiniteWeightsError(FloatingPointError):
@@ -239,6 +255,7 @@ class SafeCheckpointer(DetectionCheckpointer):
         self.ema_weights = ema_weights
         self._strict_now = strict
         self._resuming = False
+        self._query = None  # the URL query of the path being loaded (detectron2 v0.6)
         self.last_load_report = None
 
     # -- saving --------------------------------------------------------------------------------
@@ -304,6 +321,39 @@ class SafeCheckpointer(DetectionCheckpointer):
                 self._strict_now, self._resuming = self.strict, False
         return self.load(path, checkpointables=[])
 
+    def load(self, path: str, *args, **kwargs) -> Dict[str, Any]:
+        self._query = None
+        if not path:
+            return super().load(path, *args, **kwargs)
+        url = urlparse(path)
+        local = self._local_copy(url._replace(query="").geturl() if url.query else path)
+        if url.query and UPSTREAM_URL_QUERIES:
+            local = f"{local}?{url.query}"
+        elif url.query:
+            self._query = parse_qs(url.query)
+            if set(self._query) - {"matching_heuristics"}:
+                raise ValueError(f"unsupported query in checkpoint path {path!r}: only ?matching_heuristics=True")
+        return super().load(local, *args, **kwargs)
+
+    def _local_copy(self, path: str) -> str:
+        """A local file for ``path``: ``path`` itself, or the cached download of a URL."""
+        if os.path.isfile(path):
+            return path
+        if "://" not in path:
+            raise CheckpointUnavailableError(f"checkpoint {path} does not exist")
+        try:
+            local = self.path_manager.get_local_path(path)
+        except Exception as e:  # URLError, HTTPError, timeouts, a handler's own errors
+            raise CheckpointUnavailableError(
+                f"could not fetch the checkpoint {path} ({type(e).__name__}: {e}). Download it where "
+                "there is network access and pass the local file instead, e.g. "
+                "train.init_checkpoint=/path/to/" + os.path.basename(urlparse(path).path)
+                + ' (or train.init_checkpoint="" for random initial weights).'
+            ) from None
+        if not os.path.isfile(local):
+            raise CheckpointUnavailableError(f"checkpoint {path} was fetched to {local}, which does not exist")
+        return local
+
     def _load_file(self, filename: str) -> Dict[str, Any]:
         if filename.endswith(".pkl"):
             data = load_numpy_pickle(filename, trust=self.trust)
@@ -316,16 +366,20 @@ class SafeCheckpointer(DetectionCheckpointer):
                 data = data["blobs"]
             data = {k: v for k, v in data.items() if not k.endswith("_momentum")}
             return {"model": data, "__author__": "Caffe2", "matching_heuristics": True}
-        loaded = load_checkpoint_file(filename, trust=self.trust)
         if filename.endswith(".pyth"):  # pycls
+            loaded = load_checkpoint_file(filename, trust=self.trust)
             if not isinstance(loaded, dict) or "model_state" not in loaded:
                 raise ValueError(f"Cannot load .pyth file {filename}; pycls checkpoints must contain 'model_state'.")
             state = {k: v for k, v in loaded["model_state"].items() if not k.endswith("num_batches_tracked")}
             return {"model": state, "__author__": "pycls", "matching_heuristics": True}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{filename} holds a {type(loaded).__name__}, not a checkpoint dict")
-        if "model" not in loaded:
-            loaded = {"model": loaded}
+        if UPSTREAM_URL_QUERIES:  # reads the file with _torch_load, applies the URL query
+            loaded = super()._load_file(filename)
+        else:
+            loaded = self._torch_load(filename)
+            if "model" not in loaded:
+                loaded = {"model": loaded}
+            if self._query and self._query.get("matching_heuristics") == ["True"]:
+                loaded["matching_heuristics"] = True
         if self.ema_weights:
             if EMA_KEY in loaded:
                 self.logger.info(f"Using the averaged (EMA) weights of {filename}")
@@ -335,6 +389,12 @@ class SafeCheckpointer(DetectionCheckpointer):
                     f"{filename} has no averaged (EMA) weights ('{EMA_KEY}'): loading its trained weights. "
                     "(EMA weights are asked for because train.ema.enabled is set.)"
                 )
+        return loaded
+
+    def _torch_load(self, filename: str) -> Dict[str, Any]:
+        loaded = load_checkpoint_file(filename, trust=self.trust)
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{filename} holds a {type(loaded).__name__}, not a checkpoint dict")
         return loaded
 
     def _log_incompatible_keys(self, incompatible) -> None:
