@@ -73,7 +73,6 @@ setup(
         "dev": ["pytest>=7", "hypothesis>=6", "matplotlib", "ruff"],
     },
     classifiers=[
-        "License :: OSI Approved :: Apache Software License",
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",
     ],

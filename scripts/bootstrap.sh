@@ -11,10 +11,14 @@
 # Environment variables:
 #   PYTHON                 interpreter to build with (default: python3)
 #   SMCA_D2_CACHE          cache folder (default: ${XDG_CACHE_HOME:-~/.cache}/smca-d2)
+#   DETECTRON2_SRC=PATH    a detectron2 source checkout (e.g. `main`): built with its C++ extension
+#                          (a CPU build where torch sees no GPU) instead of the pure-Python v0.6
+#                          sdist. The checkout is copied first and left untouched; its contents are
+#                          part of the cache key, so an updated checkout gets a new base.
 #   SMCA_D2_SYSTEM_SITE=1  use the interpreter's own packages instead of the cached base: for users
 #                          who already have torch, torchvision and a full detectron2 build (GPU).
-#                          Whatever is importable there is used as is; only what is missing is
-#                          installed into .venv/.
+#                          Whatever is installed there is used as is, at its version; only what is
+#                          missing is installed into .venv/, constrained to the versions present.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,8 +34,22 @@ PIP_QUIET=(--quiet --disable-pip-version-check)
 log() { echo "[bootstrap] $*" >&2; }
 
 pyver="$("$PYTHON" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+D2_SRC="${DETECTRON2_SRC:-}"
+d2_key="$D2_SHA256"
+if [[ -n "$D2_SRC" ]]; then
+  [[ -f "$D2_SRC/setup.py" && -d "$D2_SRC/detectron2" ]] \
+    || { log "DETECTRON2_SRC=$D2_SRC is not a detectron2 source checkout (no setup.py + detectron2/)"; exit 1; }
+  D2_SRC="$(cd "$D2_SRC" && pwd)"
+  # The sources that go into the build (not build outputs): a changed checkout gets a new base.
+  d2_key="$(cd "$D2_SRC" && find detectron2 setup.py -type f \( -name '*.py' -o -name '*.cpp' \
+      -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' -o -name '*.yaml' \) | LC_ALL=C sort \
+      | xargs sha256sum | sha256sum | cut -c1-16)"
+fi
+# The base is keyed by what goes into it; BASE_LAYOUT is raised when build_base changes.
+BASE_LAYOUT=2
 key="$(cat requirements/base.txt requirements/test.txt requirements/constraints.txt \
-        scripts/bootstrap.sh <(echo "$pyver $TORCH_PINS $D2_SHA256") | sha256sum | cut -c1-16)"
+        <(echo "$BASE_LAYOUT $pyver $TORCH_PINS $d2_key") | sha256sum | cut -c1-16)"
+if [[ -n "$D2_SRC" ]]; then key="d2src-$key"; fi
 if [[ "${SMCA_D2_SYSTEM_SITE:-0}" == "1" ]]; then key="system-$key"; fi
 stamp="$VENV/.smca-d2-stamp"
 
@@ -74,10 +92,45 @@ PYEOF
   rm -rf "$tmp"
 }
 
+# Build detectron2 from a source checkout, with its C++ extension. A copy is built, so that the
+# checkout gets no build/ folder or compiled files.
+install_detectron2_source() {
+  local py="$1" src="$2" tmp
+  tmp="$(mktemp -d)"
+  log "building detectron2 from $src (with its C++ extension; a few minutes)"
+  (cd "$src" && tar --exclude=./.git --exclude=./build --exclude='*.so' -cf - .) | tar -xf - -C "$tmp"
+  MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$py" -m pip install "${PIP_QUIET[@]}" --no-deps \
+    --no-build-isolation "$tmp" 2> >(grep -v "is ignored" >&2)
+  rm -rf "$tmp"
+  "$py" -c "from detectron2 import _C" \
+    || { log "detectron2 from $src was installed without a working C++ extension"; exit 1; }
+}
+
+install_detectron2() {
+  if [[ -n "$D2_SRC" ]]; then install_detectron2_source "$1" "$D2_SRC"; else install_detectron2_sdist "$1"; fi
+}
+
 install_requirements() {
   local py="$1"
   "$py" -m pip install "${PIP_QUIET[@]}" -c requirements/constraints.txt \
     -r requirements/base.txt -r requirements/test.txt 2> >(grep -v "is ignored" >&2)
+}
+
+# Into a .venv that sees the user's packages: install only the requirements that are not there,
+# with every package already present pinned at its version (nothing present is replaced).
+install_missing_requirements() {
+  local py="$1" missing pins
+  pins="$(mktemp)"
+  missing="$("$py" scripts/missing_requirements.py --constraints "$pins" \
+      requirements/base.txt requirements/test.txt)"
+  if [[ -n "$missing" ]]; then
+    log "installing what is missing: $(echo $missing)"
+    # shellcheck disable=SC2086
+    "$py" -m pip install "${PIP_QUIET[@]}" -c "$pins" $missing 2> >(grep -v "is ignored" >&2)
+  else
+    log "every requirement is already installed"
+  fi
+  rm -f "$pins"
 }
 
 build_base() {
@@ -88,7 +141,7 @@ build_base() {
   "$base/bin/python" -m pip install "${PIP_QUIET[@]}" -c requirements/constraints.txt \
     $TORCH_PINS 2> >(grep -v "is ignored" >&2)
   install_requirements "$base/bin/python"
-  install_detectron2_sdist "$base/bin/python"
+  install_detectron2 "$base/bin/python"
   "$base/bin/python" -c "import torch, torchvision, detectron2, pycocotools, scipy"
   touch "$base/.complete"
 }
@@ -96,12 +149,21 @@ build_base() {
 rm -rf "$VENV"
 if [[ "${SMCA_D2_SYSTEM_SITE:-0}" == "1" ]]; then
   log "creating .venv on top of $PYTHON's own packages"
-  "$PYTHON" -m venv --system-site-packages "$VENV"
+  # `venv --system-site-packages` would see the base interpreter's packages, not those of the
+  # environment $PYTHON runs in (a venv or conda env): add that environment's site folders.
+  "$PYTHON" -m venv --without-pip "$VENV"
+  site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  "$PYTHON" -c 'import site, sys
+dirs = [p for p in sys.path if p.rstrip("/").endswith(("site-packages", "dist-packages"))]
+print("import site; " + "; ".join("site.addsitedir(%r)" % d for d in dirs))' > "$site/00-smca-d2-system.pth"
   py="$VENV/bin/python"
+  "$py" -m pip --version >/dev/null 2>&1 || { log "$PYTHON has no pip"; exit 1; }
   "$py" -c "import torch, torchvision" 2>/dev/null \
     || "$py" -m pip install "${PIP_QUIET[@]}" $TORCH_PINS 2> >(grep -v "is ignored" >&2)
-  install_requirements "$py"
-  if "$py" -c "import detectron2" 2>/dev/null; then
+  install_missing_requirements "$py"
+  if [[ -n "$D2_SRC" ]]; then
+    install_detectron2_source "$py" "$D2_SRC"
+  elif "$py" -c "import detectron2" 2>/dev/null; then
     log "using the detectron2 already installed: $("$py" -c 'import detectron2, os; print(os.path.dirname(detectron2.__file__))')"
   else
     install_detectron2_sdist "$py"
