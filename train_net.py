@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train and evaluate SMCA-DETR (or any detectron2 LazyConfig model).
+"""Train and evaluate SMCA-DETR (or any detectron2 LazyConfig model, model-zoo ones as they are).
 
     python train_net.py --config-file configs/smca_single_scale_r50_50ep.py --num-gpus 8
     python train_net.py --config-file CONFIG --eval-only train.init_checkpoint=model.pth
@@ -7,11 +7,15 @@
 
 The config must hold ``model``, ``dataloader`` (``train``, ``test``, ``evaluator``), ``optimizer``
 (whose ``params.model`` is set here), ``lr_multiplier`` (a ParamScheduler) and ``train`` (see
-configs/common/train.py). ``key=value`` overrides follow the flags; a key that is not in the
-config is refused (``+key=value`` adds one on purpose).
+configs/common/train.py). detectron2's own ``configs/common/train.py`` does too: the options it
+lacks (``train.seed``, ``train.ema``, ``train.amp.precision``, ``train.keep_freed_cpu_memory``,
+``train.strict_load``) take their defaults, the seed ``-1`` (random, as detectron2's
+``default_setup`` has it; see :class:`~smca_d2.engine.DeterministicSteps`). ``key=value`` overrides
+follow the flags; a key that is not in the config is refused (``+key=value`` adds one on purpose).
 
-Before any work the config, the datasets (files, json, boxes, images) and ``model.num_classes``
-are checked; checkpoints are loaded without running code from them and written atomically;
+Before any work the config, the datasets (files, json, boxes, images) and the model's class count
+(``model.num_classes``, ``model.roi_heads.num_classes``, ... wherever the model keeps it) are
+checked; checkpoints are loaded without running code from them and written atomically;
 with ``train.ema.enabled=True`` a moving average of the weights is kept, evaluated and saved
 (``"model_ema"`` in each checkpoint) and ``--eval-only`` loads it;
 training stops at a non-finite loss; ``--resume`` continues exactly where the last complete
@@ -19,6 +23,7 @@ checkpoint left off. See "What happens when" in README.md.
 """
 import contextlib
 import logging
+import sys
 
 import torch
 
@@ -30,8 +35,9 @@ from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from smca_d2.checkpoint import EMA_KEY, SafeCheckpointer
+from smca_d2.checkpoint import EMA_KEY, CheckpointUnavailableError, SafeCheckpointer
 from smca_d2.compat import create_ddp_model, launch
+from smca_d2.model_zoo import ConfigNotFoundError
 from smca_d2.modeling import optimize_for_inference
 from smca_d2.engine import (
     AMPTrainer,
@@ -86,7 +92,7 @@ def do_train(args, cfg):
             train_loader,
             optimizer,
             device_type=torch.device(cfg.train.device).type,
-            precision=cfg.train.amp.get("precision"),
+            precision=cfg.train.amp.precision,
         )
     else:
         trainer = SimpleTrainer(model, train_loader, optimizer)
@@ -94,7 +100,7 @@ def do_train(args, cfg):
     checkpointer = SafeCheckpointer(
         model,
         cfg.train.output_dir,
-        strict=cfg.train.get("strict_load", False),
+        strict=cfg.train.strict_load,
         trainer=trainer,
         **({EMA_KEY: ema} if ema is not None else {}),
     )
@@ -126,7 +132,7 @@ def main(args):
     cfg = load_config(args.config_file, args.opts)
     check_device(cfg.train.device)
     if cfg.train.amp.enabled:
-        amp_dtype(torch.device(cfg.train.device).type, cfg.train.amp.get("precision"))
+        amp_dtype(torch.device(cfg.train.device).type, cfg.train.amp.precision)
     check_config_datasets(cfg, splits=("test",) if args.eval_only else ("train", "test"))
     default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, comm.get_rank(), name="smca_d2", abbrev_name="smca")
@@ -135,7 +141,7 @@ def main(args):
         model = instantiate(cfg.model).to(cfg.train.device)
         model = create_ddp_model(model)
         SafeCheckpointer(
-            model, strict=cfg.train.get("strict_load", False), ema_weights=use_ema_weights(cfg)
+            model, strict=cfg.train.strict_load, ema_weights=use_ema_weights(cfg)
         ).load(cfg.train.init_checkpoint)
         # Batch norms folded into the convolutions (same outputs to float rounding, faster).
         optimize_for_inference(model.module if hasattr(model, "module") else model)
@@ -145,11 +151,14 @@ def main(args):
 
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    try:
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except (ConfigNotFoundError, CheckpointUnavailableError) as e:  # a path to fix, not a bug
+        sys.exit(f"train_net.py: {e}")

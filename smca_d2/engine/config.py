@@ -1,7 +1,9 @@
 """Loading a LazyConfig for train_net.py: the reliability pieces put in place, overrides checked.
 
 * :func:`prepare_config` replaces detectron2's dataset, mapper and training-loader functions by
-  the validating / resumable ones of smca_d2 (same arguments), so that every config gets them;
+  the validating / resumable ones of smca_d2 (same arguments), so that every config gets them,
+  and adds the ``train`` options of train_net.py that a config lacks (detectron2's own
+  ``configs/common/train.py`` has none of them) with their defaults;
 * :func:`check_override_keys` refuses ``key=value`` overrides whose key is not in the config
   (``LazyConfig.apply_overrides`` would silently add it, and the typo would go unnoticed),
   listing close matches. A key may be a parameter that a ``LazyCall`` leaves at its default
@@ -18,6 +20,7 @@ from omegaconf import DictConfig, ListConfig
 from detectron2.config import LazyConfig
 
 __all__ = [
+    "TRAIN_DEFAULTS",
     "UnknownConfigKeyError",
     "check_config_datasets",
     "check_override_keys",
@@ -31,6 +34,16 @@ logger = logging.getLogger(__name__)
 _VALIDATED_DATASET = "smca_d2.data.validation.validated_dataset_dicts"
 _ROBUST_MAPPER = "smca_d2.data.validation.RobustDatasetMapper"
 _RESUMABLE_LOADER = "smca_d2.engine.resumable.build_resumable_train_loader"
+
+# The options of configs/common/train.py that detectron2's configs/common/train.py does not have,
+# with the values given there (-1: a random seed, what detectron2's default_setup does without one).
+TRAIN_DEFAULTS = {
+    "seed": -1,
+    "strict_load": False,
+    "keep_freed_cpu_memory": True,
+    "ema": {"enabled": False, "decay": 0.9998},
+    "amp": {"precision": None},
+}
 
 
 class UnknownConfigKeyError(ValueError):
@@ -70,7 +83,9 @@ def prepare_config(cfg) -> List[str]:
 
     The replacements take the same arguments, plus options of their own that can then be
     overridden (``dataloader.train.dataset.verify_images=True``). Targets that are anything else
-    are left alone. Also adds ``train.strict_load=False`` if the config has no such key.
+    are left alone. Also adds the options of :data:`TRAIN_DEFAULTS` that ``train`` lacks
+    (``train.seed=-1``, ``train.strict_load=False``, ...), so that a detectron2 config runs as it
+    is, these options can be overridden without ``+`` and the saved config.yaml shows them.
 
     Returns:
         the paths of the replaced nodes.
@@ -108,9 +123,17 @@ def prepare_config(cfg) -> List[str]:
     if replaced:
         logger.info(f"Using smca_d2's validating / resumable data pipeline for {', '.join(replaced)}.")
     train = _node(cfg, "train")
-    if train is not None and "strict_load" not in train:
-        train.strict_load = False
+    if train is not None:
+        _add_missing(train, TRAIN_DEFAULTS)
     return replaced
+
+
+def _add_missing(node: DictConfig, defaults: dict) -> None:
+    for key, value in defaults.items():
+        if key not in node:
+            node[key] = value
+        elif isinstance(value, dict) and isinstance(node._get_node(key), DictConfig):
+            _add_missing(node._get_node(key), value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,8 +230,14 @@ def check_override_keys(cfg, overrides: Sequence[str]) -> None:
 
 
 def load_config(config_file: str, overrides: Sequence[str] = ()):
-    """``LazyConfig.load`` + :func:`prepare_config` + checked ``LazyConfig.apply_overrides``."""
-    cfg = LazyConfig.load(config_file)
+    """``LazyConfig.load`` + :func:`prepare_config` + checked ``LazyConfig.apply_overrides``.
+
+    ``config_file`` is a path, or the name of a shipped config (``smca_single_scale_r50_50ep.py``,
+    see :mod:`smca_d2.model_zoo`).
+    """
+    from smca_d2.model_zoo import resolve_config_file
+
+    cfg = LazyConfig.load(resolve_config_file(config_file))
     prepare_config(cfg)
     check_override_keys(cfg, overrides)
     return LazyConfig.apply_overrides(cfg, list(overrides))

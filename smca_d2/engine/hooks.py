@@ -87,6 +87,10 @@ class DeterministicSteps(HookBase):
     * the seed is saved in the checkpoint (``trainer.hooks.DeterministicSteps.seed``) and taken
       from it on resume, also when the config asked for a random seed (``train.seed < 0``).
 
+    A config without ``train.seed`` (detectron2's own ``configs/common/train.py`` has none) gets
+    what detectron2's ``default_setup`` does for it: ``-1``, a random seed. It is drawn once,
+    shared by all processes and saved like a chosen one, so ``--resume`` stays exact.
+
     Args:
         seed: ``train.seed``; None or negative: a random seed, the same in all processes.
         data_loader: the training loader; told where to start if it has ``set_start``.
