@@ -29,7 +29,9 @@ from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from smca_d2.engine import keep_freed_cpu_memory  # noqa: E402
+from smca_d2.checkpoint import CheckpointUnavailableError  # noqa: E402
 from smca_d2.inference import LazyPredictor  # noqa: E402
+from smca_d2.model_zoo import ConfigNotFoundError  # noqa: E402
 from smca_d2.inference.demo import (  # noqa: E402
     collect_inputs,
     instances_to_json,
@@ -108,7 +110,11 @@ def main(argv=None) -> int:
     if bool(args.input) == bool(args.video_input):
         logger.error("give either --input or --video-input")
         return 2
-    predictor = LazyPredictor(args.config_file, device=args.device, overrides=args.opts)
+    try:
+        predictor = LazyPredictor(args.config_file, device=args.device, overrides=args.opts)
+    except (ConfigNotFoundError, CheckpointUnavailableError) as e:  # a path to fix, not a bug
+        logger.error("%s", e)
+        return 2
     logger.info("checkpoint: %s", predictor.checkpoint or "(none: random weights)")
     if predictor.device.type == "cpu":
         keep_freed_cpu_memory()  # one image's buffers reused by the next (no page faults)

@@ -1,6 +1,7 @@
 """Differences between detectron2 versions, handled in one place.
 
-smca_d2 runs on two kinds of detectron2:
+smca_d2 runs on two kinds of detectron2 (both are tested: ``make test`` and
+``DETECTRON2_SRC=<checkout> make test``):
 
 * a full build (official ``main`` with the compiled ``detectron2._C``), as GPU users have;
 * the pure-Python ``v0.6`` package without ``_C`` that ``make`` installs on machines where
@@ -8,6 +9,30 @@ smca_d2 runs on two kinds of detectron2:
 
 :func:`apply` is called when ``smca_d2`` is imported, before any detectron2 submodule. Every fix
 here is a no-op where detectron2 (or its environment) already provides the thing.
+
+Where ``main`` has a piece that ``v0.6`` lacks, the upstream piece is used when present:
+
+=========================================  ===================================================
+upstream (``main``)                        in smca_d2
+=========================================  ===================================================
+``engine.launch`` with GLOO on the CPU     :func:`launch` delegates to it; own CPU workers on
+                                           v0.6 (NCCL hard-coded, CUDA asserted there)
+``create_ddp_model``                       :func:`create_ddp_model` delegates, adding
+                                           ``device_ids=None`` for a CPU model (v0.6 passes
+                                           the local rank, which DDP rejects on the CPU)
+``DetectionCheckpointer``'s URL query      used (``SafeCheckpointer`` reads ``.pth`` files
+``?matching_heuristics=True`` and its      through ``_torch_load``); parsed by
+``_torch_load`` hook                       ``SafeCheckpointer`` on v0.6
+``utils.analysis.FlopCountAnalysis``       :func:`flop_count_analysis` uses it; on v0.6 it
+                                           cannot be imported (``detectron2.export`` imports
+                                           caffe2): fvcore's on a wrapper module
+``solver.get_default_optimizer_params``    not used: v0.6 has no ``lr_factor_func``;
+with ``lr_factor_func``                    ``smca_d2.solver.param_groups`` gives the same lr and
+                                           weight decay per tensor (tested against it on main)
+``engine.AMPTrainer(precision=...)``       not used: it asserts CUDA and always scales the
+                                           loss; ``smca_d2.engine.AMPTrainer`` also runs
+                                           bfloat16 on the CPU, without a scaler for bfloat16
+=========================================  ===================================================
 """
 import functools
 import importlib
@@ -21,7 +46,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["HAS_C", "apply", "launch", "create_ddp_model", "MissingExtensionError"]
+__all__ = ["HAS_C", "apply", "create_ddp_model", "flop_count_analysis", "launch", "MissingExtensionError"]
 
 logger = logging.getLogger(__name__)
 
@@ -231,3 +256,33 @@ def create_ddp_model(model, *, fp16_compression=False, **kwargs):
     if first is not None and first.device.type == "cpu":
         kwargs.setdefault("device_ids", None)
     return d2_create_ddp_model(model, fp16_compression=fp16_compression, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOP counting
+# ---------------------------------------------------------------------------------------------
+class _DetectionsAsTensors(torch.nn.Module):
+    """Calls a detectron2 model on one image and returns its detections as a tuple of tensors
+    (what fvcore can trace)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image: torch.Tensor):
+        instances = self.model([{"image": image}])[0]["instances"]
+        return tuple(v.tensor if hasattr(v, "tensor") else v for v in instances.get_fields().values())
+
+
+def flop_count_analysis(model: torch.nn.Module, image: torch.Tensor):
+    """An fvcore ``FlopCountAnalysis`` of ``model`` on one CHW image: detectron2's
+    ``FlopCountAnalysis`` (it traces detectron2 models through ``TracingAdapter``) where it can
+    be imported, else fvcore's on a wrapper that returns the detections as tensors. Module names
+    start with ``model.`` either way."""
+    try:
+        from detectron2.utils.analysis import FlopCountAnalysis
+    except ImportError:  # v0.6: detectron2.export imports caffe2
+        from fvcore.nn import FlopCountAnalysis as _Fvcore
+
+        return _Fvcore(_DetectionsAsTensors(model), (image,))
+    return FlopCountAnalysis(model, [{"image": image}])

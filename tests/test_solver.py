@@ -29,6 +29,27 @@ def test_param_groups():
     assert not any(p is model.backbone[0].weight for g in groups for p in g["params"])
 
 
+def test_param_groups_equal_detectron2_lr_factor_func():
+    """The hyperparameters per tensor are those of detectron2 main's get_default_optimizer_params
+    with lr_factor_func (weight decay on every tensor, as the SMCA recipe has it)."""
+    import inspect
+
+    from detectron2.solver import get_default_optimizer_params
+
+    if "lr_factor_func" not in inspect.signature(get_default_optimizer_params).parameters:
+        pytest.skip("this detectron2 (v0.6) has no lr_factor_func")
+    model = Net()
+    upstream = get_default_optimizer_params(
+        model, base_lr=1e-4, weight_decay=1e-4, weight_decay_norm=1e-4,
+        lr_factor_func=lambda name: 0.1 if name.startswith("backbone.") else 1.0,
+    )
+    ours = param_groups(model, base_lr=1e-4, backbone_lr_factor=0.1)
+    per_tensor = lambda groups: {id(p): pytest.approx(g["lr"]) for g in groups for p in g["params"]}  # noqa: E731
+    assert per_tensor(ours) == per_tensor(upstream)
+    assert {g["weight_decay"] for g in upstream} == {1e-4}  # ours: the optimizer's weight_decay=1e-4
+    assert len(ours) == 2
+
+
 @pytest.mark.parametrize("fused", [None, False])
 def test_step_is_adamw_on_clipped_gradients(fused):
     torch.manual_seed(0)

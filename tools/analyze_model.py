@@ -4,11 +4,11 @@
     python tools/analyze_model.py --config-file configs/smca_single_scale_r50_50ep.py \
         --tasks flop parameter --size 800 1066 --output analysis.json [--opts key=value ...]
 
-``flop``: fvcore's ``FlopCountAnalysis`` on the model in eval mode, run on ``--num-inputs``
-random images of ``--size H W`` (batch of one each; the mean is reported). fvcore counts one
-fused multiply-add as one flop. Detectron2 v0.6's ``detectron2.utils.analysis`` cannot be
-imported here (its ``detectron2.export`` package imports ``caffe2``), so the model is traced through
-a small wrapper that returns the detections as tensors. ``aten::scaled_dot_product_attention``
+``flop``: detectron2's ``FlopCountAnalysis`` (fvcore's on a small wrapper with detectron2 v0.6,
+whose ``detectron2.utils.analysis`` cannot be imported: see ``smca_d2.compat.flop_count_analysis``)
+on the model in eval mode, run on ``--num-inputs`` random images of ``--size H W`` (batch of one
+each; the mean is reported). fvcore counts one fused multiply-add as one flop.
+``aten::scaled_dot_product_attention``
 (all attention in this code) has no fvcore counter: it is counted here as
 ``batch * heads * L * S * (E + Ev)`` (the two matrix products). Every op that is *not* counted
 is listed in the output (elementwise ops, by convention, and ops without a formula).
@@ -34,9 +34,10 @@ from torch import nn  # noqa: E402
 
 import smca_d2  # noqa: E402,F401  (compatibility fixes, registrations)
 from detectron2.config import instantiate  # noqa: E402
-from fvcore.nn import FlopCountAnalysis, flop_count_table, parameter_count, parameter_count_table  # noqa: E402
+from fvcore.nn import flop_count_table, parameter_count, parameter_count_table  # noqa: E402
 from fvcore.nn.jit_handles import get_shape  # noqa: E402
 
+from smca_d2.compat import flop_count_analysis  # noqa: E402
 from smca_d2.inference import load_config  # noqa: E402
 
 # Elementwise / reduction / indexing ops: not counted, by the usual convention (as in detectron2).
@@ -66,18 +67,6 @@ EXTRA_HANDLES = {
 }
 
 
-class DetectionsAsTensors(nn.Module):
-    """Calls a Detectron2 model on one image and returns its detections as a tuple of tensors."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image: torch.Tensor):
-        instances = self.model([{"image": image}])[0]["instances"]
-        return tuple(v.tensor if hasattr(v, "tensor") else v for v in instances.get_fields().values())
-
-
 def count_flops(model: nn.Module, size, num_inputs: int = 1, seed: int = 0, max_depth: int = 3) -> Dict:
     """FLOPs of the model (eval mode) on random images of ``size`` (H, W).
 
@@ -86,12 +75,11 @@ def count_flops(model: nn.Module, size, num_inputs: int = 1, seed: int = 0, max_
         ``not_counted`` (op -> occurrences per input), ``table`` (fvcore's table).
     """
     model.eval()
-    wrapper = DetectionsAsTensors(model)
     generator = torch.Generator().manual_seed(seed)
     totals, by_operator, by_module, not_counted, table = [], Counter(), Counter(), Counter(), ""
     for _ in range(num_inputs):
         image = torch.rand(3, *size, generator=generator).to(model.device) * 255
-        analysis = FlopCountAnalysis(wrapper, (image,)).set_op_handle(**EXTRA_HANDLES)
+        analysis = flop_count_analysis(model, image).set_op_handle(**EXTRA_HANDLES)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         # Traced with autograd on: under no_grad, nn.MultiheadAttention may take its fused fast
         # path (aten::_native_multi_head_attention), which fvcore cannot count.

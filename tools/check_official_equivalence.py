@@ -42,6 +42,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import smca_d2  # noqa: E402,F401  (detectron2 compatibility fixes)
+from smca_d2.model_zoo import resolve_config_file  # noqa: E402
 from smca_d2.checkpoint import (  # noqa: E402
     check_complete,
     coco_contiguous_category_ids,
@@ -63,7 +64,7 @@ TOPK = 100
 def build_our_model(config: str, num_classes: int, state_dict, device: str):
     from detectron2.config import LazyConfig, instantiate
 
-    cfg = LazyConfig.load(config)
+    cfg = LazyConfig.load(resolve_config_file(config))
     cfg.model.num_classes = num_classes
     model = instantiate(cfg.model)
     report = check_complete(state_dict, model)

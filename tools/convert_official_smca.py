@@ -25,6 +25,7 @@ if REPO_ROOT not in sys.path:
 import torch  # noqa: E402
 
 import smca_d2  # noqa: E402,F401  (detectron2 compatibility fixes)
+from smca_d2.model_zoo import resolve_config_file  # noqa: E402
 from smca_d2.checkpoint import (  # noqa: E402
     UnsafeCheckpointError,
     check_complete,
@@ -39,7 +40,7 @@ DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "smca_single_scale_r50_50ep.
 def build_model(config_path: str, num_classes: int):
     from detectron2.config import LazyConfig, instantiate
 
-    cfg = LazyConfig.load(config_path)
+    cfg = LazyConfig.load(resolve_config_file(config_path))
     cfg.model.num_classes = num_classes
     return instantiate(cfg.model)
 

@@ -24,6 +24,7 @@ if REPO_ROOT not in sys.path:
 import torch  # noqa: E402
 
 import smca_d2  # noqa: E402,F401  (detectron2 compatibility fixes)
+from smca_d2.model_zoo import resolve_config_file  # noqa: E402
 from smca_d2.checkpoint.torchvision_resnet import (  # noqa: E402
     convert_torchvision_resnet,
     load_torchvision_state_dict,
@@ -36,7 +37,7 @@ def check_against_config(converted, config_path: str):
     """Messages for keys or shapes of the config's backbone that the result does not match."""
     from detectron2.config import LazyConfig, instantiate
 
-    cfg = LazyConfig.load(config_path)
+    cfg = LazyConfig.load(resolve_config_file(config_path))
     backbone = instantiate(cfg.model.backbone)
     expected = {"backbone." + k: v.shape for k, v in backbone.state_dict().items()}
     problems = [f"missing: {k}" for k in expected if k not in converted]
