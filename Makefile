@@ -1,4 +1,6 @@
 # The README's two set-up commands: `make demo` and `make test`. Both create or reuse .venv/.
+# Environment: PYTHON (interpreter), DETECTRON2_SRC (build detectron2 from this source checkout),
+# SMCA_D2_SYSTEM_SITE=1 (on top of PYTHON's own packages); see scripts/bootstrap.sh.
 PYTHON ?= python3
 VENV_PY := .venv/bin/python
 PYTEST_ARGS ?=
