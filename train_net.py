@@ -37,6 +37,7 @@ from detectron2.utils.logger import setup_logger
 
 from smca_d2.checkpoint import EMA_KEY, CheckpointUnavailableError, SafeCheckpointer
 from smca_d2.compat import create_ddp_model, launch
+from smca_d2.inference import untrained_keys, warn_if_untrained
 from smca_d2.model_zoo import ConfigNotFoundError
 from smca_d2.modeling import optimize_for_inference
 from smca_d2.engine import (
@@ -140,11 +141,12 @@ def main(args):
     if args.eval_only:
         model = instantiate(cfg.model).to(cfg.train.device)
         model = create_ddp_model(model)
-        SafeCheckpointer(
-            model, strict=cfg.train.strict_load, ema_weights=use_ema_weights(cfg)
-        ).load(cfg.train.init_checkpoint)
+        bare = model.module if hasattr(model, "module") else model
+        checkpointer = SafeCheckpointer(model, strict=cfg.train.strict_load, ema_weights=use_ema_weights(cfg))
+        checkpointer.load(cfg.train.init_checkpoint)
+        warn_if_untrained(bare, untrained_keys(checkpointer), cfg.train.init_checkpoint)
         # Batch norms folded into the convolutions (same outputs to float rounding, faster).
-        optimize_for_inference(model.module if hasattr(model, "module") else model)
+        optimize_for_inference(bare)
         return do_test(cfg, model)
     do_train(args, cfg)
 

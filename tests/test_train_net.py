@@ -73,6 +73,12 @@ def test_train_checkpoint_resume_eval(tmp_path):
     assert "copypaste: AP,AP50" in evaluated.stdout + evaluated.stderr
     assert "Using the averaged (EMA) weights" in evaluated.stdout + evaluated.stderr
     assert "malloc keeps freed memory" not in evaluated.stdout + evaluated.stderr
+    assert "meaningless" not in evaluated.stdout + evaluated.stderr  # a complete checkpoint
+
+    untrained = run_train_net(tmp_path, "--eval-only", *tiny_overrides(out), "train.init_checkpoint=",
+                              "train.keep_freed_cpu_memory=False", check=False)
+    assert untrained.returncode == 0, untrained.stderr[-3000:]
+    assert "the detections will be meaningless" in untrained.stdout + untrained.stderr
 
 
 @pytest.mark.slow

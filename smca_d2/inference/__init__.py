@@ -14,7 +14,7 @@ from .predictor import (
     dataset_class_names,
     load_config,
     load_inference_weights,
-    record_missing_weights,
+    untrained_keys,
     warn_if_untrained,
 )
 
@@ -28,8 +28,8 @@ __all__ = [
     "instances_to_json",
     "load_config",
     "load_inference_weights",
-    "record_missing_weights",
     "run_on_image",
     "run_on_video",
+    "untrained_keys",
     "warn_if_untrained",
 ]

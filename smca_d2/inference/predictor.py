@@ -9,17 +9,15 @@ Usage::
     print(instances.pred_boxes, instances.scores, instances.pred_classes)
 
 Loading weights for inference also checks that the checkpoint holds weights for the whole model:
-:func:`load_inference_weights` (what ``LazyPredictor`` uses) warns when parts of the model keep
-their random initialisation, e.g. with a backbone-only (ImageNet-pretrained) checkpoint. Code that
-loads a checkpoint some other way can do the same check with :func:`record_missing_weights` and
-:func:`warn_if_untrained`.
+:func:`load_inference_weights` (what ``LazyPredictor`` and ``train_net.py --eval-only`` use) warns
+when parts of the model keep their random initialisation, e.g. with a backbone-only
+(ImageNet-pretrained) checkpoint.
 """
-import contextlib
 import copy
 import json
 import logging
 import os
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -39,13 +37,12 @@ from smca_d2.modeling.fusion import optimize_for_inference
 
 __all__ = [
     "LazyPredictor",
-    "MissingWeightsRecord",
     "build_test_augmentations",
     "dataset_class_names",
     "load_config",
     "load_inference_weights",
     "missing_weight_parts",
-    "record_missing_weights",
+    "untrained_keys",
     "warn_if_untrained",
 ]
 
@@ -139,42 +136,6 @@ def _default_device(cfg) -> str:
 TRAINING_ONLY_PARTS = ("criterion",)
 
 
-class MissingWeightsRecord:
-    """What :func:`record_missing_weights` saw.
-
-    Attributes:
-        missing_keys: the model's state-dict keys that the last ``model.load_state_dict`` call did
-            not receive (tensors of the wrong shape, which detectron2's checkpointer drops before
-            loading, included); None while ``load_state_dict`` was not called.
-    """
-
-    def __init__(self):
-        self.missing_keys: Optional[List[str]] = None
-
-
-@contextlib.contextmanager
-def record_missing_weights(model: torch.nn.Module) -> Iterator[MissingWeightsRecord]:
-    """Record, while the context is open, which weights ``model.load_state_dict`` leaves unloaded.
-
-    Works with any checkpointer that loads through ``model.load_state_dict`` (detectron2's
-    ``DetectionCheckpointer``, :class:`~smca_d2.checkpoint.SafeCheckpointer`)::
-
-        with record_missing_weights(model) as record:
-            SafeCheckpointer(model).resume_or_load(path, resume=False)
-        warn_if_untrained(model, record.missing_keys, checkpoint=path)
-    """
-    record = MissingWeightsRecord()
-
-    def hook(module, incompatible_keys):
-        record.missing_keys = list(incompatible_keys.missing_keys)
-
-    handle = model.register_load_state_dict_post_hook(hook)
-    try:
-        yield record
-    finally:
-        handle.remove()
-
-
 def _tensors(n: int) -> str:
     return f"{n} tensor" if n == 1 else f"{n} tensors"
 
@@ -220,7 +181,7 @@ def warn_if_untrained(
     Args:
         model: the model the checkpoint was loaded into.
         missing_keys: the model's state-dict keys the checkpoint did not provide (see
-            :func:`record_missing_weights`); None means that nothing was loaded.
+            :func:`untrained_keys`); None means that nothing was loaded.
         checkpoint: the checkpoint's name, for the message.
 
     Returns:
@@ -249,6 +210,15 @@ def warn_if_untrained(
     return message
 
 
+def untrained_keys(checkpointer: SafeCheckpointer) -> Optional[List[str]]:
+    """The model's state-dict keys that the checkpointer's last ``load`` did not fill (missing
+    from the checkpoint, or of another shape there); None when it loaded nothing."""
+    report = checkpointer.last_load_report
+    if report is None:
+        return None
+    return list(report["missing"]) + [key for key, _, _ in report["incorrect_shapes"]]
+
+
 def load_inference_weights(model: torch.nn.Module, checkpoint: str, *, ema_weights: bool = False) -> List[str]:
     """Load ``checkpoint`` into ``model`` with :class:`~smca_d2.checkpoint.SafeCheckpointer` and
     warn (:func:`warn_if_untrained`) if it does not provide weights for the whole model.
@@ -259,9 +229,11 @@ def load_inference_weights(model: torch.nn.Module, checkpoint: str, *, ema_weigh
     Returns:
         the model's state-dict keys that the checkpoint did not provide.
     """
-    with record_missing_weights(model) as record:
-        SafeCheckpointer(model, ema_weights=ema_weights).load(checkpoint)
-    missing = record.missing_keys if record.missing_keys is not None else list(model.state_dict().keys())
+    checkpointer = SafeCheckpointer(model, ema_weights=ema_weights)
+    checkpointer.load(checkpoint)
+    missing = untrained_keys(checkpointer)
+    if missing is None:
+        missing = list(model.state_dict().keys())
     warn_if_untrained(model, missing, checkpoint)
     return missing
 

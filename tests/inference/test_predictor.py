@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyCall as L
 from detectron2.config import instantiate
 from detectron2.data import DatasetCatalog
@@ -16,7 +15,8 @@ from detectron2.data.datasets import register_coco_instances
 from detectron2.structures import Instances
 
 from conftest import write_tiny_coco
-from smca_d2.inference import LazyPredictor, build_test_augmentations, record_missing_weights, warn_if_untrained
+from smca_d2.checkpoint import SafeCheckpointer
+from smca_d2.inference import LazyPredictor, build_test_augmentations, untrained_keys, warn_if_untrained
 from smca_d2.inference.predictor import missing_weight_parts
 from tiny_smca import random_image, tiny_config, write_checkpoint
 
@@ -236,19 +236,15 @@ def test_partly_missing_weights_are_named(checkpoint, tmp_path):
 
 
 def test_missing_weight_helpers_for_other_loaders(checkpoint):
-    """record_missing_weights + warn_if_untrained, as train_net.py --eval-only could use them with
-    detectron2's own checkpointer."""
+    """untrained_keys + warn_if_untrained, as train_net.py --eval-only uses them."""
     path, written = checkpoint
     torch.manual_seed(0)
     model = instantiate(tiny_config().model)
-    with record_missing_weights(model) as record:
-        assert record.missing_keys is None
-        DetectionCheckpointer(model).load(path)
-    assert record.missing_keys == []
-    assert warn_if_untrained(model, record.missing_keys, path) is None
-    # The hook is removed with the context.
-    model.load_state_dict({}, strict=False)
-    assert record.missing_keys == []
+    checkpointer = SafeCheckpointer(model)
+    assert untrained_keys(checkpointer) is None  # nothing loaded yet
+    checkpointer.load(path)
+    assert untrained_keys(checkpointer) == []
+    assert warn_if_untrained(model, untrained_keys(checkpointer), path) is None
     # None: nothing was loaded.
     with predictor_warnings() as messages:
         message = warn_if_untrained(model, None)
