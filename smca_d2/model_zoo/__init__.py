@@ -9,26 +9,5 @@ Names are paths relative to the ``configs/`` folder of the source tree (shipped 
 package): ``smca_multi_scale_r50_50ep.py``, ``demo/smca_r18_synthetic.py``, ...;
 :func:`available_configs` lists them.
 """
-from .model_zoo import (
-    CHECKPOINTS,
-    ConfigNotFoundError,
-    NoTrainedCheckpointError,
-    available_configs,
-    get,
-    get_checkpoint_url,
-    get_config,
-    get_config_file,
-    resolve_config_file,
-)
-
-__all__ = [
-    "CHECKPOINTS",
-    "ConfigNotFoundError",
-    "NoTrainedCheckpointError",
-    "available_configs",
-    "get",
-    "get_checkpoint_url",
-    "get_config",
-    "get_config_file",
-    "resolve_config_file",
-]
+from .model_zoo import *  # noqa: F401,F403
+from .model_zoo import __all__  # noqa: F401
