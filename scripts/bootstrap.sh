@@ -45,6 +45,13 @@ if [[ -n "$D2_SRC" ]]; then
       -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' -o -name '*.yaml' \) | LC_ALL=C sort \
       | xargs sha256sum | sha256sum | cut -c1-16)"
 fi
+# requirements/constraints.txt pins versions for Python >= 3.11 (several have no 3.10 wheels):
+# older interpreters get the ranges of requirements/*.txt, resolved by pip.
+PINS=(-c requirements/constraints.txt)
+if "$PYTHON" -c 'import sys; sys.exit(sys.version_info >= (3, 11))'; then
+  log "Python $pyver: requirements/constraints.txt is for Python >= 3.11; installing with the ranges of requirements/*.txt"
+  PINS=()
+fi
 # The base is keyed by what goes into it; BASE_LAYOUT is raised when build_base changes.
 BASE_LAYOUT=2
 key="$(cat requirements/base.txt requirements/test.txt requirements/constraints.txt \
@@ -112,7 +119,7 @@ install_detectron2() {
 
 install_requirements() {
   local py="$1"
-  "$py" -m pip install "${PIP_QUIET[@]}" -c requirements/constraints.txt \
+  "$py" -m pip install "${PIP_QUIET[@]}" "${PINS[@]}" \
     -r requirements/base.txt -r requirements/test.txt 2> >(grep -v "is ignored" >&2)
 }
 
@@ -138,7 +145,7 @@ build_base() {
   log "building the base environment in $base (torch, torchvision, detectron2; once per machine)"
   rm -rf "$base"
   "$PYTHON" -m venv "$base"
-  "$base/bin/python" -m pip install "${PIP_QUIET[@]}" -c requirements/constraints.txt \
+  "$base/bin/python" -m pip install "${PIP_QUIET[@]}" "${PINS[@]}" \
     $TORCH_PINS 2> >(grep -v "is ignored" >&2)
   install_requirements "$base/bin/python"
   install_detectron2 "$base/bin/python"
