@@ -49,7 +49,7 @@ def drop_mask(shape, p: float) -> torch.Tensor:
             return torch.ones(shape, dtype=torch.bool)
         words = np.random.SFC64(seed).random_raw((n + 3) // 4)
         # Uniform uint16 read as int16 is uniform on [-32768, 32767]: P(s < t - 32768) = t / 65536.
-        # NumPy compares int16 with SIMD (~1 ms for 11.5M elements; torch's `<` ~5 ms).
+        # NumPy compares int16 with SIMD, faster than torch's `<` on the CPU.
         drop = np.less(words.view(np.int16)[:n], np.int16(_threshold(p) - (_LEVELS >> 1)))
         return torch.from_numpy(drop).view(shape)
 

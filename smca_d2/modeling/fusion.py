@@ -10,8 +10,8 @@
   runs much faster. :class:`SMCADETR` applies it to its backbone by default.
 * :func:`use_fast_cpu_stem` makes a frozen ResNet stem (R50's, ``freeze_at >= 1``) run in
   channels-last memory format on the CPU and hand back a contiguous tensor: torch's CPU max pool
-  is ~10x slower on contiguous (NCHW) tensors than on channels-last ones (R50 stem at 800x1066,
-  batch 2: 200 -> 85 ms with the conversions). The pooled values are exactly the same.
+  is much slower on contiguous (NCHW) tensors than on channels-last ones, conversions included
+  (benchmarks/speed.py measures the model). The pooled values are exactly the same.
   :class:`SMCADETR` applies it by default.
 
 Inference only:
@@ -60,8 +60,7 @@ def _folded_weight_and_bias(conv: Conv2d, norm: nn.Module):
 def conv2d_cpu(x, weight, bias, stride, padding, dilation, groups):
     """``F.conv2d``, with a strided 1x1 convolution (no padding) on the CPU computed as a 1x1
     convolution of the subsampled input: the same products, and oneDNN's strided 1x1 kernels are
-    slow, most of all backward (R50's res3 shortcut at 800x1066, batch 2, forward + weight
-    gradient: 189 -> 102 ms; res5's, with the input gradient too: 158 -> 117 ms)."""
+    slow, most of all backward."""
     if (
         x.device.type == "cpu"
         and weight.shape[-2:] == (1, 1)
@@ -114,9 +113,8 @@ class FastCPUStem(BasicStem):
     """Detectron2's ``BasicStem`` (conv, ReLU, 3x3 max pool) that, when frozen and given a
     contiguous CPU tensor, runs in channels-last memory format and returns a contiguous tensor.
 
-    torch's CPU max pool is vectorized over channels only in channels-last format: on the
-    contiguous R50 stem output at 800x1066 (batch 2, 2 threads) it takes ~120 ms, ~14 ms in
-    channels-last. Converting the 3-channel image is cheap, the convolution takes channels-last
+    torch's CPU max pool is vectorized over channels only in channels-last format, where it is
+    several times faster on the R50 stem output. Converting the 3-channel image is cheap, the convolution takes channels-last
     input as fast, and one copy brings the 4x smaller pooled map back. Same parameters and
     state-dict keys as ``BasicStem``. A stem with trainable parameters, channels-last input or
     weights (the ``channels_last`` backbone, :func:`optimize_for_inference`: the convolution

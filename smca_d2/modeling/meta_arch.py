@@ -69,18 +69,18 @@ class SMCADETR(nn.Module):
             size_divisibility: pad the batch to a multiple of this (0: no extra padding).
             test_topk: detections kept per image: top-k over all query x class scores.
             channels_last: run the backbone in channels-last memory format (same results to
-                float rounding; oneDNN's preferred layout, but R50 training on 2 CPU cores is
-                not reliably faster with it: 7.18 vs 7.09 s per step alternating in one process).
+                float rounding; oneDNN's preferred layout, but not reliably faster for R50
+                training on the CPU: see the speed benchmark).
             fuse_frozen_bn: apply the backbone's frozen batch norms to the convolution weights
                 instead of to the activations (:func:`smca_d2.modeling.fuse_frozen_batchnorm`;
                 same parameters and checkpoints, same results to float rounding, less time).
             fast_cpu_stem: run a frozen ResNet stem in channels-last memory format on the CPU
                 (:class:`smca_d2.modeling.fusion.FastCPUStem`: torch's max pool is much faster
-                there; the same outputs, contiguous; R50 at 800x1066, batch 2: 200 -> 85 ms).
+                there; the same outputs, contiguous).
             fast_cpu_dropout: in training on the CPU, draw the transformer's dropout masks from
                 NumPy's SFC64 generator seeded by torch's (:mod:`smca_d2.modeling.dropout`):
                 the same dropout in distribution, a different random stream, and a faster
-                training step (R50 at 800x1066 on 2 CPU cores: 7.3 -> 6.5 s). False: the masks
+                training step (benchmarks/speed.py measures it). False: the masks
                 of ``torch.nn.functional.dropout``.
         """
         super().__init__()
