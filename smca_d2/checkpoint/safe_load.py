@@ -340,6 +340,8 @@ class SafeCheckpointer(DetectionCheckpointer):
         if os.path.isfile(path):
             return path
         if "://" not in path:
+            if isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+                return path  # detectron2 decides: a worker without the file loads from the main one
             raise CheckpointUnavailableError(f"checkpoint {path} does not exist")
         try:
             local = self.path_manager.get_local_path(path)
