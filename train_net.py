@@ -8,7 +8,7 @@
 The config must hold ``model``, ``dataloader`` (``train``, ``test``, ``evaluator``), ``optimizer``
 (whose ``params.model`` is set here), ``lr_multiplier`` (a ParamScheduler) and ``train`` (see
 configs/common/train.py). detectron2's own ``configs/common/train.py`` does too: the options it
-lacks (``train.seed``, ``train.ema``, ``train.amp.precision``, ``train.keep_freed_cpu_memory``,
+lacks (``train.seed``, ``train.ema``, ``train.amp.precision``, ``train.speedups``,
 ``train.strict_load``) take their defaults, the seed ``-1`` (random, as detectron2's
 ``default_setup`` has it; see :class:`~smca_d2.engine.DeterministicSteps`). ``key=value`` overrides
 follow the flags; a key that is not in the config is refused (``+key=value`` adds one on purpose).
@@ -39,7 +39,7 @@ from smca_d2.checkpoint import EMA_KEY, CheckpointUnavailableError, SafeCheckpoi
 from smca_d2.compat import create_ddp_model, launch
 from smca_d2.inference import untrained_keys, warn_if_untrained
 from smca_d2.model_zoo import ConfigNotFoundError
-from smca_d2.modeling import optimize_for_inference
+from smca_d2.speedups import apply_speedups
 from smca_d2.engine import (
     AMPTrainer,
     DeterministicSteps,
@@ -50,7 +50,6 @@ from smca_d2.engine import (
     check_config_datasets,
     check_device,
     check_num_classes,
-    keep_freed_cpu_memory_as_configured,
     load_config,
     use_ema_weights,
 )
@@ -83,6 +82,7 @@ def do_train(args, cfg):
 
     model = instantiate(cfg.model).to(cfg.train.device)
     logger.info("Model:\n%s", model)
+    apply_speedups(model, cfg.train.speedups, device=cfg.train.device, training=True)
     cfg.optimizer.params.model = model
     optimizer = instantiate(cfg.optimizer)
 
@@ -137,7 +137,6 @@ def main(args):
     check_config_datasets(cfg, splits=("test",) if args.eval_only else ("train", "test"))
     default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, comm.get_rank(), name="smca_d2", abbrev_name="smca")
-    keep_freed_cpu_memory_as_configured(cfg)
     if args.eval_only:
         model = instantiate(cfg.model).to(cfg.train.device)
         model = create_ddp_model(model)
@@ -145,8 +144,7 @@ def main(args):
         checkpointer = SafeCheckpointer(model, strict=cfg.train.strict_load, ema_weights=use_ema_weights(cfg))
         checkpointer.load(cfg.train.init_checkpoint)
         warn_if_untrained(bare, untrained_keys(checkpointer), cfg.train.init_checkpoint)
-        # Batch norms folded into the convolutions (same outputs to float rounding, faster).
-        optimize_for_inference(bare)
+        apply_speedups(bare, cfg.train.speedups, device=cfg.train.device, training=False)
         return do_test(cfg, model)
     do_train(args, cfg)
 

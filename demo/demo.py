@@ -28,7 +28,6 @@ import smca_d2  # noqa: E402,F401  (compatibility fixes, registrations)
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
-from smca_d2.engine import keep_freed_cpu_memory  # noqa: E402
 from smca_d2.checkpoint import CheckpointUnavailableError  # noqa: E402
 from smca_d2.inference import LazyPredictor  # noqa: E402
 from smca_d2.model_zoo import ConfigNotFoundError  # noqa: E402
@@ -116,8 +115,6 @@ def main(argv=None) -> int:
         logger.error("%s", e)
         return 2
     logger.info("checkpoint: %s", predictor.checkpoint or "(none: random weights)")
-    if predictor.device.type == "cpu":
-        keep_freed_cpu_memory()  # one image's buffers reused by the next (no page faults)
     if args.input:
         run_images(predictor, args, logger)
     else:

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from smca_d2.engine.memory import glibc_malloc
+from smca_d2.speedups.memory import glibc_malloc
 
 from conftest import load_script
 

@@ -97,6 +97,11 @@ def to_official_key(key):
             return f"{layer}.bn{m.group(3)}.{m.group(4)}"
         return f"{layer}.conv{m.group(3)}.weight"
     assert key.startswith(("transformer.", "class_embed.", "bbox_embed.", "query_embed.")), key
+    official_names = {"cross_attn": "multihead_attn", "modulation_norm": "norm4", "center_head": "point1",
+                      "offset_head": "point2", "scale_head": "point3"}
+    m = re.fullmatch(r"(transformer\.decoder\.layers\.\d+)\.(\w+)\.(.*)", key)
+    if m and m.group(2) in official_names:
+        return f"{m.group(1)}.{official_names[m.group(2)]}.{m.group(3)}"
     return key
 
 
@@ -234,13 +239,13 @@ def test_shape_mismatch_and_missing_keys_are_errors(model92, official_sd):
     with pytest.raises(ValueError) as info:
         convert_official_state_dict(sd, num_classes=92, model=model92)
     message = str(info.value)
-    assert "transformer.decoder.layers.1.point3.weight checkpoint [8, 256] vs model [16, 256]" in message
+    assert "transformer.decoder.layers.1.scale_head.weight checkpoint [8, 256] vs model [16, 256]" in message
     assert "missing (1): transformer.decoder.layers.2.linear1.bias" in message
 
     report = check_complete(convert_official_state_dict(sd, num_classes=92), model92)
     assert not report.ok
     assert report.missing == ["transformer.decoder.layers.2.linear1.bias"]
-    assert [k for k, _, _ in report.shape_mismatches] == ["transformer.decoder.layers.1.point3.weight"]
+    assert [k for k, _, _ in report.shape_mismatches] == ["transformer.decoder.layers.1.scale_head.weight"]
 
     bad_head = dict(official_sd)
     bad_head["class_embed.bias"] = torch.zeros(91)
@@ -327,3 +332,20 @@ def test_cli_refuses_code_executing_pickle(tmp_path, capsys):
     assert tool.main(["--input", str(evil), "--output", str(tmp_path / "x.pth"), "--no-check"]) == 1
     assert "refusing to load" in capsys.readouterr().err
     assert not (tmp_path / "executed").exists() and not (tmp_path / "x.pth").exists()
+
+
+def test_checkpoint_with_the_official_decoder_names_loads_renamed(model92, tmp_path):
+    """smca_d2 0.1 wrote the decoder modules under the official names (point1, norm4, ...)."""
+    old_names = {
+        k.replace(".center_head.", ".point1.").replace(".offset_head.", ".point2.")
+        .replace(".scale_head.", ".point3.").replace(".modulation_norm.", ".norm4.")
+        .replace(".cross_attn.", ".multihead_attn."): v
+        for k, v in model92.state_dict().items()
+    }
+    assert "transformer.decoder.layers.0.point1.layers.0.weight" in old_names
+    path = tmp_path / "model_0.1.pth"
+    torch.save({"model": old_names, "model_ema": old_names}, path)
+    fresh = build_model(92, seed=7)
+    SafeCheckpointer(fresh, strict=True).load(str(path))
+    for key, value in model92.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key

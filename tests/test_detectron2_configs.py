@@ -79,7 +79,7 @@ def tiny_overrides(dataset, out, num_classes_key):
         "train.log_period=1",
         f"train.output_dir={out}",
         # Added by prepare_config (so no "+"); this process is pytest's, leave its malloc alone.
-        "train.keep_freed_cpu_memory=False",
+        "train.speedups.keep_freed_cpu_memory=False",
     ]
 
 
@@ -97,7 +97,7 @@ def test_the_model_zoo_configs_lack_our_train_options():
     # What the end-to-end tests below rely on: the configs really are detectron2's.
     for config in (RETINANET, MASK_RCNN):
         cfg = LazyConfig.load(model_zoo.get_config_file(config))
-        assert not set(cfg.train) & {"seed", "ema", "strict_load", "keep_freed_cpu_memory"}
+        assert not set(cfg.train) & {"seed", "ema", "strict_load", "speedups"}
         assert "precision" not in cfg.train.amp
     assert "num_classes" not in LazyConfig.load(model_zoo.get_config_file(MASK_RCNN)).model
 

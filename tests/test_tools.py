@@ -15,7 +15,7 @@ from detectron2.config import LazyConfig, instantiate
 
 from conftest import load_script
 from smca_d2.checkpoint import convert_torchvision_resnet
-from smca_d2.engine.memory import glibc_malloc
+from smca_d2.speedups.memory import glibc_malloc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))

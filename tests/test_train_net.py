@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from smca_d2.engine.memory import glibc_malloc
+from smca_d2.speedups.memory import glibc_malloc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO, "configs", "common", "r18_synthetic.py")
@@ -48,7 +48,7 @@ def test_train_checkpoint_resume_eval(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     assert (out / "model_final.pth").is_file() and (out / "config.yaml").is_file()
     assert "AP" in first.stdout + first.stderr
-    if glibc_malloc():  # train.keep_freed_cpu_memory (default True) on the CPU
+    if glibc_malloc():  # train.speedups.keep_freed_cpu_memory (default True) on the CPU
         assert "malloc keeps freed memory" in first.stdout + first.stderr
     metrics = [json.loads(line) for line in open(out / "metrics.json")]
     assert any("loss_class" in m for m in metrics)
@@ -68,7 +68,7 @@ def test_train_checkpoint_resume_eval(tmp_path):
     assert any(not torch.equal(v, final["model"][k]) for k, v in final["model_ema"].items())
 
     evaluated = run_train_net(tmp_path, "--eval-only", *tiny_overrides(out), f"train.init_checkpoint={out}/model_final.pth",
-                              "train.keep_freed_cpu_memory=False", *ema, check=False)
+                              "train.speedups.keep_freed_cpu_memory=False", *ema, check=False)
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "copypaste: AP,AP50" in evaluated.stdout + evaluated.stderr
     assert "Using the averaged (EMA) weights" in evaluated.stdout + evaluated.stderr
@@ -76,7 +76,7 @@ def test_train_checkpoint_resume_eval(tmp_path):
     assert "meaningless" not in evaluated.stdout + evaluated.stderr  # a complete checkpoint
 
     untrained = run_train_net(tmp_path, "--eval-only", *tiny_overrides(out), "train.init_checkpoint=",
-                              "train.keep_freed_cpu_memory=False", check=False)
+                              "train.speedups.keep_freed_cpu_memory=False", check=False)
     assert untrained.returncode == 0, untrained.stderr[-3000:]
     assert "the detections will be meaningless" in untrained.stdout + untrained.stderr
 

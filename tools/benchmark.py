@@ -27,7 +27,9 @@ from detectron2.config import instantiate  # noqa: E402
 
 from smca_d2.checkpoint import SafeCheckpointer  # noqa: E402
 from smca_d2.benchmarking import write_json  # noqa: E402
-from smca_d2.engine import keep_freed_cpu_memory_as_configured, load_config, use_ema_weights  # noqa: E402
+from smca_d2.engine import load_config, use_ema_weights  # noqa: E402
+from smca_d2.speedups import apply_speedups  # noqa: E402
+from smca_d2.speedups.memory import keeps_freed_cpu_memory  # noqa: E402
 
 
 def _sync(device):
@@ -93,13 +95,12 @@ def main():
 
     cfg = load_config(args.config_file, args.opts)
     cfg.train.device = args.device
-    # The malloc setting train_net.py uses on the CPU (train.keep_freed_cpu_memory), so that the
-    # figures are those of training with train_net.py.
-    kept = keep_freed_cpu_memory_as_configured(cfg)
     torch.manual_seed(0)
     model = instantiate(cfg.model).to(args.device)
     if cfg.train.init_checkpoint:
         SafeCheckpointer(model, ema_weights=use_ema_weights(cfg)).load(cfg.train.init_checkpoint)
+    # The speed-ups train_net.py trains with (train.speedups), so that the figures are its own.
+    apply_speedups(model, cfg.train.speedups, device=args.device, training=True)
     results = {}
     if "inference" in args.tasks:
         results["inference"] = bench_inference(cfg, model, args)
@@ -126,7 +127,7 @@ def main():
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
-        "keep_freed_cpu_memory": bool(kept),
+        "keep_freed_cpu_memory": keeps_freed_cpu_memory(),
         "iters": args.iters,
         "results": results,
     }

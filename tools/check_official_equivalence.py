@@ -307,7 +307,7 @@ def main(argv=None) -> int:
     # Gaussian scales of one decoder layer swapped), or it would prove nothing.
     converted = convert_official_state_dict(official_sd, num_classes=92)
     for suffix, shape in (("weight", (8, 2, -1)), ("bias", (8, 2))):
-        key = f"transformer.decoder.layers.2.point3.{suffix}"
+        key = f"transformer.decoder.layers.2.scale_head.{suffix}"
         converted[key] = converted[key].reshape(shape).flip(1).reshape(converted[key].shape).clone()
     control = compare(
         official_single, run_ours(build_our_model(args.config, 92, converted, args.device), [first], args.device),

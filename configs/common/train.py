@@ -15,8 +15,17 @@ train = dict(
     eval_period=5000,
     log_period=20,
     device="cuda",
-    # On the CPU: glibc malloc keeps freed memory for the next iteration instead of unmapping it
-    # (no page faults in steady state; smca_d2/engine/memory.py).
-    keep_freed_cpu_memory=True,
+    # Speed-ups applied to the built model (smca_d2/speedups/), none of which changes what is
+    # trained: frozen BN applied to the conv weights; on the CPU, the frozen stem's max pool in
+    # channels-last format, cheap dropout masks (same distribution, another random stream) and
+    # glibc malloc keeping freed memory for the next iteration; the backbone in channels-last
+    # memory format (off: not reliably faster for R50 training, see docs/BENCHMARKS.md).
+    speedups=dict(
+        fuse_frozen_bn=True,
+        fast_cpu_stem=True,
+        fast_cpu_dropout=True,
+        channels_last=False,
+        keep_freed_cpu_memory=True,
+    ),
     seed=-1,
 )

@@ -14,7 +14,7 @@ model.backbone.out_features = ["res3"]
 model.in_features = ["res3"]
 model.transformer.encoder.num_layers = 0
 model.transformer.decoder.dropout = 0.0
-model.channels_last = True
+train.speedups.channels_last = True
 optimizer.lr = 3e-4
 
 train.max_iter = 1000

@@ -21,7 +21,7 @@ model.backbone.out_features = ["res3"]
 model.in_features = ["res3"]
 model.transformer.encoder.num_layers = 0
 model.transformer.decoder.dropout = 0.0
-model.channels_last = True
+train.speedups.channels_last = True
 model.size_divisibility = 16
 
 dataloader.train._target_ = build_resumable_train_loader

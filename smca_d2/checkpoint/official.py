@@ -4,8 +4,10 @@ The official model is DETR's: a torchvision ResNet (``backbone.0.body.*``, froze
 1x1 ``input_proj`` conv, the transformer, and ``class_embed`` with one row per COCO category
 *id* (0..90) plus an unused "no-object" row 91 (it is trained with a sigmoid focal loss, so that
 row is never a target). smca_d2 uses Detectron2's ResNet (``backbone.stem`` / ``backbone.res2..5``),
-a list of input projections (``input_proj.0``) and, for COCO, 80 contiguous classes in the order
-of the sorted COCO category ids. Everything else has the same names and shapes.
+a list of input projections (``input_proj.0``), decoder modules named after what they do
+(:data:`OFFICIAL_DECODER_NAMES`: ``point1`` is ``center_head``, ...) and, for COCO, 80
+contiguous classes in the order of the sorted COCO category ids. Everything else has the same
+names and shapes.
 
 :func:`convert_official_state_dict` maps an official state dict to smca_d2's; keys it does not
 know are reported, never silently dropped. :func:`load_official_checkpoint` reads a checkpoint
@@ -28,12 +30,14 @@ from .torchvision_resnet import map_torchvision_resnet_key
 
 __all__ = [
     "COCO_NUM_CLASS_SLOTS",
+    "OFFICIAL_DECODER_NAMES",
     "CompletenessReport",
     "UnsafeCheckpointError",
     "check_complete",
     "coco_contiguous_category_ids",
     "convert_official_state_dict",
     "load_official_checkpoint",
+    "rename_official_decoder_key",
 ]
 
 # class_embed rows of the official COCO model: ids 0..90 (num_classes=91) + the no-object row.
@@ -53,6 +57,26 @@ _TRANSFORMER_PATTERNS = [
         r"transformer\.decoder\.norm\.(weight|bias)",
     )
 ]
+# Decoder-layer modules that smca_d2 names after what they do (official name -> ours).
+OFFICIAL_DECODER_NAMES = {
+    "multihead_attn": "cross_attn",
+    "norm4": "modulation_norm",
+    "point1": "center_head",
+    "point2": "offset_head",
+    "point3": "scale_head",
+}
+_DECODER_MODULE = re.compile(r"(transformer\.decoder\.layers\.\d+\.)([a-z0-9_]+)(\..*)")
+
+
+def rename_official_decoder_key(key: str) -> str:
+    """``transformer.decoder.layers.N.<official module>.*`` -> smca_d2's module name
+    (:data:`OFFICIAL_DECODER_NAMES`); other keys unchanged."""
+    match = _DECODER_MODULE.fullmatch(key)
+    if match is None or match.group(2) not in OFFICIAL_DECODER_NAMES:
+        return key
+    return match.group(1) + OFFICIAL_DECODER_NAMES[match.group(2)] + match.group(3)
+
+
 _HEAD_PATTERNS = [
     re.compile(p)
     for p in (
@@ -166,7 +190,9 @@ def convert_official_state_dict(
             out["input_proj.0." + key.split(".")[-1]] = value
         elif key in ("class_embed.weight", "class_embed.bias"):
             pass  # below
-        elif any(p.fullmatch(key) for p in _TRANSFORMER_PATTERNS + _HEAD_PATTERNS):
+        elif any(p.fullmatch(key) for p in _TRANSFORMER_PATTERNS):
+            out[rename_official_decoder_key(key)] = value
+        elif any(p.fullmatch(key) for p in _HEAD_PATTERNS):
             out[key] = value
         else:
             unknown.append(key)

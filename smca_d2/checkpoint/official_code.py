@@ -127,7 +127,7 @@ def randomize_official(model, seed: int):
         if name.startswith("backbone.") or p.numel() < 2:
             continue
         flat = p.detach().flatten()
-        if torch.all(flat == flat[0]):  # LayerNorm weights/biases, zero biases, point3, class bias
+        if torch.all(flat == flat[0]):  # LayerNorm weights/biases, zero biases, point3 (scales), class bias
             p.add_(randn_like(p, 0.1))
 
     # Running statistics: the per-channel mean/variance of each BN's input on a random image

@@ -382,6 +382,7 @@ class SafeCheckpointer(DetectionCheckpointer):
                 loaded = {"model": loaded}
             if self._query and self._query.get("matching_heuristics") == ["True"]:
                 loaded["matching_heuristics"] = True
+        loaded = self._rename_decoder_modules(loaded, filename)
         if self.ema_weights:
             if EMA_KEY in loaded:
                 self.logger.info(f"Using the averaged (EMA) weights of {filename}")
@@ -392,6 +393,29 @@ class SafeCheckpointer(DetectionCheckpointer):
                     "(EMA weights are asked for because train.ema.enabled is set.)"
                 )
         return loaded
+
+    def _rename_decoder_modules(self, loaded: Dict[str, Any], filename: str) -> Dict[str, Any]:
+        """Checkpoints written by smca_d2 0.1 name the decoder modules as the official code does
+        (``point1``, ``norm4``, ...): give their weights today's names (the same tensors)."""
+        from .official import rename_official_decoder_key
+
+        renamed = dict(loaded)
+        count = 0
+        for entry in ("model", EMA_KEY):
+            state = loaded.get(entry)
+            if not isinstance(state, dict):
+                continue
+            new = {rename_official_decoder_key(k): v for k, v in state.items()}
+            count += sum(a != b for a, b in zip(state, new))
+            renamed[entry] = new
+        if not count:
+            return loaded
+        self.logger.info(
+            f"{filename} names decoder modules as the official code does (point1, point2, point3, norm4, "
+            f"multihead_attn): {count} tensor(s) renamed to center_head, offset_head, scale_head, "
+            "modulation_norm, cross_attn"
+        )
+        return renamed
 
     def _torch_load(self, filename: str) -> Dict[str, Any]:
         loaded = load_checkpoint_file(filename, trust=self.trust)

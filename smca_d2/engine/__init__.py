@@ -9,7 +9,6 @@ from .config import (
     prepare_config,
 )
 from .ema import EMAHook, ModelEMA, use_ema_weights
-from .memory import keep_freed_cpu_memory, keep_freed_cpu_memory_as_configured
 from .hooks import DeterministicSteps, NonFiniteLossCheck, NonFiniteLossError
 from .resumable import ResumableTrainLoader, build_resumable_train_loader
 
@@ -28,8 +27,6 @@ __all__ = [
     "check_device",
     "check_num_classes",
     "check_override_keys",
-    "keep_freed_cpu_memory",
-    "keep_freed_cpu_memory_as_configured",
     "load_config",
     "prepare_config",
     "use_ema_weights",

@@ -19,6 +19,8 @@ from omegaconf import DictConfig, ListConfig
 
 from detectron2.config import LazyConfig
 
+from smca_d2.speedups import DEFAULT_SPEEDUPS
+
 __all__ = [
     "TRAIN_DEFAULTS",
     "UnknownConfigKeyError",
@@ -40,7 +42,7 @@ _RESUMABLE_LOADER = "smca_d2.engine.resumable.build_resumable_train_loader"
 TRAIN_DEFAULTS = {
     "seed": -1,
     "strict_load": False,
-    "keep_freed_cpu_memory": True,
+    "speedups": dict(DEFAULT_SPEEDUPS),
     "ema": {"enabled": False, "decay": 0.9998},
     "amp": {"precision": None},
 }

@@ -17,7 +17,7 @@ pass, (1) the arguments of the chosen ``DecoderLayer`` (level shapes, strides, i
 reference points, with a forward hook; (2) the inputs and outputs of
 ``smca_d2.modeling.attention.gaussian_log_weights`` by replacing the name the decoder module calls
 (``smca_d2.modeling.decoder.gaussian_log_weights``) for the duration of the context; (3) the
-inputs of the layer's ``multihead_attn``, from which the attention probabilities are recomputed.
+inputs of the layer's ``cross_attn``, from which the attention probabilities are recomputed.
 
 Pixel convention: the model places a query's Gaussian center at ``x / stride`` feature cells for
 a point ``x`` (in pixels of the resized, unpadded image), so cell ``j`` of a level is drawn over
@@ -176,7 +176,7 @@ def capture_decoder_layer(model, layer_index: int = -1):
     handles = [
         layer.register_forward_pre_hook(layer_pre_hook, with_kwargs=True),
         layer.register_forward_hook(layer_hook, with_kwargs=True),
-        layer.multihead_attn.register_forward_hook(attention_hook, with_kwargs=True),
+        layer.cross_attn.register_forward_hook(attention_hook, with_kwargs=True),
     ]
     try:
         with wrapped_gaussian_log_weights(recording):

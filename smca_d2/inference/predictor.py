@@ -33,7 +33,7 @@ from smca_d2.checkpoint import SafeCheckpointer
 from smca_d2.engine.config import check_override_keys
 from smca_d2.engine.config import load_config as load_checked_config
 from smca_d2.engine.ema import use_ema_weights
-from smca_d2.modeling.fusion import optimize_for_inference
+from smca_d2.speedups import apply_speedups
 
 __all__ = [
     "LazyPredictor",
@@ -291,9 +291,10 @@ class LazyPredictor:
             input_format: "BGR" (OpenCV, the default) or "RGB": channel order of the images
                 that will be passed to :meth:`__call__`.
             overrides: ``key=value`` config overrides.
-            optimize: apply :func:`smca_d2.modeling.optimize_for_inference` after loading
-                (batch norms folded into convolutions, channels-last backbone on the CPU; same
-                outputs to float rounding, faster).
+            optimize: apply the inference speed-ups of :mod:`smca_d2.speedups` after loading,
+                as ``train.speedups`` has them (batch norms folded into convolutions, a
+                channels-last backbone and malloc keeping freed memory on the CPU; the same
+                outputs to float rounding).
         """
         if input_format not in IMAGE_FORMATS:
             raise ValueError(f"input_format must be one of {IMAGE_FORMATS}, got {input_format!r}")
@@ -321,7 +322,8 @@ class LazyPredictor:
                 "LazyPredictor: no checkpoint given, the model has random weights: the detections will be meaningless"
             )
         if optimize:
-            optimize_for_inference(self.model)
+            speedups = _select(self.cfg, "train.speedups", None)
+            apply_speedups(self.model, speedups, device=self.device.type, training=False)
 
         self.augmentations = T.AugmentationList(build_test_augmentations(self.cfg))
         self._metadata = None

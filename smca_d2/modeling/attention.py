@@ -6,18 +6,16 @@ For query q, head h and feature cell (i, j) of a level, SMCA adds
 
 to the attention logits before the softmax, where (cx, cy) is the head's predicted center in
 feature cells of that level. The bias is built once per layer and level, directly in the
-``[B, heads, Q, H*W]`` layout that attention consumes, in float32.
-
-Also the encoder's and decoder's self-attention (:class:`MultiheadAttention`), whose dropout, like
-the co-attention's, draws the cheap CPU masks of :mod:`smca_d2.modeling.dropout`.
+``[B, heads, Q, H*W]`` layout that attention consumes, in float32, and passed to
+``F.scaled_dot_product_attention`` as its additive mask: the co-attention is plain PyTorch, to be
+read and changed like the paper's equations. (:mod:`smca_d2.speedups.dropout` can swap in an
+``attend`` with cheaper CPU dropout masks for training; the model does not depend on it.)
 """
 from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from .dropout import attention, uses_fast_dropout
 
 SCALE_TYPES = ("fixed", "single", "independent")
 
@@ -96,11 +94,9 @@ class SpatiallyModulatedCoAttention(nn.Module):
 
     With several levels, attention is computed within each level (its own softmax) and the
     per-level outputs are mixed with per-query weights (SMCA's scale-selection attention).
-    Logits, bias and softmax are computed in float32 even under autocast. Attention dropout
-    uses the cheap CPU mask of :mod:`smca_d2.modeling.dropout` when ``fast_cpu_dropout``.
+    Logits, bias and softmax are computed in float32 even under autocast: the log-Gaussian bias
+    spans tens of units and bfloat16 / float16 would round its fine differences away.
     """
-
-    fast_cpu_dropout = True
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0):
         super().__init__()
@@ -114,6 +110,10 @@ class SpatiallyModulatedCoAttention(nn.Module):
         self.out_proj = nn.Linear(embed_dim, embed_dim)
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.out_proj.bias)
+
+    def attend(self, q, k, v, bias, dropout_p: float) -> torch.Tensor:
+        """``softmax(q k^T / sqrt(d) + bias) v`` with attention-weight dropout, over ``[B, heads, L, d]``."""
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -151,59 +151,12 @@ class SpatiallyModulatedCoAttention(nn.Module):
         with torch.autocast(device_type=q.device.type, enabled=False):
             q, k, v = q.float(), k.float(), v.float()
             if len(level_sizes) == 1:
-                out = attention(q, k, v, biases[0], dropout_p, self.fast_cpu_dropout)
+                out = self.attend(q, k, v, biases[0], dropout_p)
             else:
                 out = 0
                 ks, vs = k.split(level_sizes, dim=2), v.split(level_sizes, dim=2)
                 for level, (k_l, v_l, bias) in enumerate(zip(ks, vs, biases)):
-                    out_l = attention(q, k_l, v_l, bias, dropout_p, self.fast_cpu_dropout)
+                    out_l = self.attend(q, k_l, v_l, bias, dropout_p)
                     out = out + out_l * level_weights[:, None, :, level, None].float()
         out = out.transpose(1, 2).flatten(2).to(query.dtype)
         return self.out_proj(out)
-
-
-class MultiheadAttention(nn.MultiheadAttention):
-    """:class:`torch.nn.MultiheadAttention` (same parameters, initialization and results) whose
-    attention-weight dropout uses the cheap CPU mask in training (``fast_cpu_dropout``).
-
-    The cheap path supports what SMCA's encoder and decoder use: ``batch_first``, no
-    ``attn_mask``, a bool ``key_padding_mask`` or none, ``need_weights=False``; anything else goes
-    to the parent class.
-    """
-
-    fast_cpu_dropout = True
-
-    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None, **kwargs):
-        fast = (
-            self.batch_first
-            and not need_weights
-            and attn_mask is None
-            and (key_padding_mask is None or key_padding_mask.dtype == torch.bool)
-            and not kwargs
-            and self._qkv_same_embed_dim
-            and self.in_proj_bias is not None
-            and self.bias_k is None
-            and uses_fast_dropout(query, self.dropout, self.training, self.fast_cpu_dropout)
-        )
-        if not fast:
-            return super().forward(
-                query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
-                attn_mask=attn_mask, **kwargs,
-            )
-        return self._project_and_attend(query, key, value, key_padding_mask, self.dropout), None
-
-    def _project_and_attend(self, query, key, value, key_padding_mask, dropout_p):
-        c, h = self.embed_dim, self.num_heads
-        w, b = self.in_proj_weight, self.in_proj_bias
-        if query is key:  # self-attention with positions: one product for q and k
-            q, k = F.linear(query, w[: 2 * c], b[: 2 * c]).chunk(2, dim=-1)
-        else:
-            q, k = F.linear(query, w[:c], b[:c]), F.linear(key, w[c : 2 * c], b[c : 2 * c])
-        v = F.linear(value, w[2 * c :], b[2 * c :])
-
-        def heads(x):
-            return x.unflatten(-1, (h, c // h)).transpose(1, 2)
-
-        bias = None if key_padding_mask is None else padding_bias(key_padding_mask, 1)
-        out = attention(heads(q), heads(k), heads(v), bias, dropout_p, self.fast_cpu_dropout)
-        return self.out_proj(out.transpose(1, 2).flatten(2))

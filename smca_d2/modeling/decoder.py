@@ -8,14 +8,12 @@ from torch import nn
 from detectron2.utils.registry import Registry
 
 from .attention import (
-    MultiheadAttention,
     SpatiallyModulatedCoAttention,
     gaussian_log_weights,
     padding_bias,
     scale_channels,
     split_padding_mask,
 )
-from .dropout import Dropout
 
 SMCA_DECODER_REGISTRY = Registry("SMCA_DECODER")
 SMCA_DECODER_REGISTRY.__doc__ = "Transformer decoders of SMCA-DETR (called with keyword args)."
@@ -42,9 +40,12 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Self-attention, spatially modulated co-attention, FFN; each with residual + post-norm.
 
-    Module names follow the official code (``point1``: center MLP, layer 0 only; ``point2``:
-    per-head offsets; ``point3``: per-head scales; ``norm4``: the LayerNorm of ``tgt + query_pos``
-    these are predicted from) so that its checkpoints map one to one.
+    The modulation is predicted from ``modulation_norm(tgt + query_pos)``: the queries' shared
+    center by ``center_head`` (an MLP, first layer only), each head's center offset by
+    ``offset_head`` and its Gaussian scales by ``scale_head``; with several levels,
+    ``scale_selection`` weighs the levels' attention outputs. (The official code calls these
+    ``norm4``, ``point1``, ``point2`` and ``point3``, and the co-attention ``multihead_attn``;
+    :mod:`smca_d2.checkpoint.official` maps the names.)
 
     Args:
         predict_center: this layer predicts the queries' shared center (the first layer).
@@ -69,44 +70,44 @@ class DecoderLayer(nn.Module):
         self.nhead = nhead
         self.num_levels = num_levels
         self.modulate = modulate
-        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
-        self.multihead_attn = SpatiallyModulatedCoAttention(d_model, nhead, dropout=dropout)
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.cross_attn = SpatiallyModulatedCoAttention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
-        self.dropout1 = Dropout(dropout)
-        self.dropout2 = Dropout(dropout)
-        self.dropout3 = Dropout(dropout)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
 
         self.num_scales = scale_channels(scale_type)
-        self.point1 = MLP(d_model, d_model, 2, 3) if predict_center else None
-        self.point2 = nn.Linear(d_model, num_levels * nhead * 2) if modulate else None
-        self.point3 = (
+        self.center_head = MLP(d_model, d_model, 2, 3) if predict_center else None
+        self.offset_head = nn.Linear(d_model, num_levels * nhead * 2) if modulate else None
+        self.scale_head = (
             nn.Linear(d_model, num_levels * nhead * self.num_scales)
             if modulate and self.num_scales
             else None
         )
         self.scale_selection = nn.Linear(d_model, num_levels) if num_levels > 1 else None
-        uses_norm4 = predict_center or modulate or num_levels > 1
-        self.norm4 = nn.LayerNorm(d_model) if uses_norm4 else None
+        uses_modulation_norm = predict_center or modulate or num_levels > 1
+        self.modulation_norm = nn.LayerNorm(d_model) if uses_modulation_norm else None
 
     def reset_scale_parameters(self):
         """Scales start at 1: weight 0, bias 1 (their squares are used)."""
-        if self.point3 is not None:
-            nn.init.zeros_(self.point3.weight)
-            nn.init.ones_(self.point3.bias)
+        if self.scale_head is not None:
+            nn.init.zeros_(self.scale_head.weight)
+            nn.init.ones_(self.scale_head.bias)
 
     def _attention_biases(self, out, ref, key_padding_masks, level_shapes, level_strides, image_wh, beta):
         if not self.modulate:
             return [padding_bias(m, ref.shape[1]) for m in key_padding_masks]
         b, q = out.shape[:2]
-        offsets = self.point2(out).view(b, q, self.num_levels, self.nhead, 2)
+        offsets = self.offset_head(out).view(b, q, self.num_levels, self.nhead, 2)
         scales = None
-        if self.point3 is not None:
-            scales = self.point3(out).square().view(b, q, self.num_levels, self.nhead, self.num_scales)
+        if self.scale_head is not None:
+            scales = self.scale_head(out).square().view(b, q, self.num_levels, self.nhead, self.num_scales)
         biases = []
         for level, (shape, stride, mask) in enumerate(zip(level_shapes, level_strides, key_padding_masks)):
             # Shared center, in this level's feature cells, plus each head's offset.
@@ -141,20 +142,20 @@ class DecoderLayer(nn.Module):
         Returns:
             (tgt [B, Q, C], ref_logit [B, Q, 2] or None, ref [B, Q, 2])
         """
-        out = self.norm4(tgt + query_pos) if self.norm4 is not None else None
+        out = self.modulation_norm(tgt + query_pos) if self.modulation_norm is not None else None
         q = k = tgt + query_pos
         tgt2 = self.self_attn(q, k, tgt, need_weights=False)[0]
         tgt = self.norm1(tgt + self.dropout1(tgt2))
 
         ref_logit = None
-        if self.point1 is not None:
-            ref_logit = self.point1(out)
+        if self.center_head is not None:
+            ref_logit = self.center_head(out)
             ref = ref_logit.sigmoid()
         biases = self._attention_biases(
             out, ref, key_padding_masks, level_shapes, level_strides, image_wh, beta
         )
         level_weights = self.scale_selection(out).softmax(-1) if self.scale_selection is not None else None
-        tgt2 = self.multihead_attn(
+        tgt2 = self.cross_attn(
             tgt + query_pos,
             memory_with_pos,
             memory,

@@ -8,8 +8,7 @@ from torch import nn
 
 from detectron2.utils.registry import Registry
 
-from .attention import MultiheadAttention, split_padding_mask
-from .dropout import Dropout
+from .attention import split_padding_mask
 
 SMCA_ENCODER_REGISTRY = Registry("SMCA_ENCODER")
 SMCA_ENCODER_REGISTRY.__doc__ = "Transformer encoders of SMCA-DETR (called with keyword args)."
@@ -20,14 +19,14 @@ class EncoderLayer(nn.Module):
 
     def __init__(self, d_model=256, nhead=8, dim_feedforward=2048, dropout=0.1):
         super().__init__()
-        self.self_attn = MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout1 = Dropout(dropout)
-        self.dropout2 = Dropout(dropout)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
 
     def forward(self, src, pos, key_padding_mask):
         """

@@ -10,8 +10,6 @@ from detectron2.structures import Boxes, ImageList, Instances
 
 from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .decoder import MLP
-from .dropout import set_fast_cpu_dropout
-from .fusion import fuse_frozen_batchnorm, use_fast_cpu_stem
 from .position_encoding import PositionEmbeddingSine
 
 
@@ -32,6 +30,9 @@ class SMCADETR(nn.Module):
     inference and an image's detections do not depend on the batch it is in. A batch without
     padding (one image, or images of one size, and no ``size_divisibility`` padding) gives the
     transformer no mask at all: the same results, without masking the attention logits.
+
+    The model is written for reading; :mod:`smca_d2.speedups` makes a built one faster
+    (train_net.py applies ``train.speedups``).
     """
 
     def __init__(
@@ -49,10 +50,6 @@ class SMCADETR(nn.Module):
         input_format: str = "RGB",
         size_divisibility: int = 0,
         test_topk: int = 100,
-        channels_last: bool = False,
-        fuse_frozen_bn: bool = True,
-        fast_cpu_stem: bool = True,
-        fast_cpu_dropout: bool = True,
     ):
         """
         Args:
@@ -68,20 +65,6 @@ class SMCADETR(nn.Module):
             input_format: "RGB" or "BGR", the channel order of the input images.
             size_divisibility: pad the batch to a multiple of this (0: no extra padding).
             test_topk: detections kept per image: top-k over all query x class scores.
-            channels_last: run the backbone in channels-last memory format (same results to
-                float rounding; oneDNN's preferred layout, but not reliably faster for R50
-                training on the CPU: see the speed benchmark).
-            fuse_frozen_bn: apply the backbone's frozen batch norms to the convolution weights
-                instead of to the activations (:func:`smca_d2.modeling.fuse_frozen_batchnorm`;
-                same parameters and checkpoints, same results to float rounding, less time).
-            fast_cpu_stem: run a frozen ResNet stem in channels-last memory format on the CPU
-                (:class:`smca_d2.modeling.fusion.FastCPUStem`: torch's max pool is much faster
-                there; the same outputs, contiguous).
-            fast_cpu_dropout: in training on the CPU, draw the transformer's dropout masks from
-                NumPy's SFC64 generator seeded by torch's (:mod:`smca_d2.modeling.dropout`):
-                the same dropout in distribution, a different random stream, and a faster
-                training step (benchmarks/speed.py measures it). False: the masks
-                of ``torch.nn.functional.dropout``.
         """
         super().__init__()
         self.backbone = backbone
@@ -93,14 +76,6 @@ class SMCADETR(nn.Module):
         self.input_format = input_format
         self.size_divisibility = size_divisibility
         self.test_topk = test_topk
-        self.channels_last = channels_last
-        if channels_last:
-            backbone.to(memory_format=torch.channels_last)
-        if fuse_frozen_bn:
-            fuse_frozen_batchnorm(backbone)
-        if fast_cpu_stem:
-            use_fast_cpu_stem(backbone)
-        set_fast_cpu_dropout(transformer, fast_cpu_dropout)
         d_model = transformer.d_model
 
         shapes = backbone.output_shape()
@@ -158,10 +133,7 @@ class SMCADETR(nn.Module):
 
     def _levels(self, images: ImageList):
         """Projected feature levels with their padding masks and position encodings."""
-        x = images.tensor
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        features = self.backbone(x)
+        features = self.backbone(images.tensor)
         pixel_mask = self.padding_mask(images)[None].float()
         maps = [proj(features[f]) for proj, f in zip(self.input_proj, self.in_features)]
         extra_input = features[self.in_features[-1]]

@@ -24,8 +24,8 @@ def predictor(request):
     predictor = LazyPredictor(cfg, "", device="cpu")
     # No per-head offsets in the last layer: every head's Gaussian is centered on the query's center.
     last = predictor.model.transformer.decoder.layers[-1]
-    nn.init.zeros_(last.point2.weight)
-    nn.init.zeros_(last.point2.bias)
+    nn.init.zeros_(last.offset_head.weight)
+    nn.init.zeros_(last.offset_head.bias)
     return predictor
 
 
@@ -86,13 +86,13 @@ def test_attention_matches_the_model(predictor):
     model = predictor.model
     layer = model.transformer.decoder.layers[-1]
     captured = {}
-    handle = layer.multihead_attn.register_forward_hook(lambda m, args, out: captured.update(args=args, out=out))
+    handle = layer.cross_attn.register_forward_hook(lambda m, args, out: captured.update(args=args, out=out))
     try:
         with torch.no_grad(), capture_decoder_layer(model) as capture:
             model.forward_outputs(model.preprocess_image([predictor.preprocess(random_image(64, 96))]))
     finally:
         handle.remove()
-    attn = layer.multihead_attn
+    attn = layer.cross_attn
     query, key, value, biases, level_sizes, level_weights = captured["args"]
     c = attn.embed_dim
     v = attn._heads(nn.functional.linear(value, attn.in_proj_weight[2 * c :], attn.in_proj_bias[2 * c :]))
@@ -105,7 +105,7 @@ def test_attention_matches_the_model(predictor):
     torch.testing.assert_close(out, captured["out"], rtol=1e-4, atol=1e-5)
     # The model is left as it was.
     assert decoder.gaussian_log_weights is attention.gaussian_log_weights
-    assert not layer._forward_hooks and not layer._forward_pre_hooks and not layer.multihead_attn._forward_hooks
+    assert not layer._forward_hooks and not layer._forward_pre_hooks and not layer.cross_attn._forward_hooks
 
 
 def test_cells_to_image_follows_the_model_convention():

@@ -9,8 +9,9 @@ R50 model, millions of minor page faults per step (``benchmarks/speed.py`` measu
 frees is reused by the next: no page faults once the heap has grown to the step's peak.
 
 The cost: the process keeps its peak memory until it exits, which a training process does
-anyway. The settings apply to the whole process; train_net.py and demo/demo.py use them on the
-CPU, a library user opts in with :func:`keep_freed_cpu_memory`.
+anyway. The settings apply to the whole process: :func:`smca_d2.speedups.apply_speedups` uses
+them on the CPU (``train.speedups.keep_freed_cpu_memory``), a library user opts in with
+:func:`keep_freed_cpu_memory`.
 """
 import ctypes
 import logging
@@ -20,11 +21,12 @@ import platform
 __all__ = [
     "glibc_malloc",
     "keep_freed_cpu_memory",
-    "keep_freed_cpu_memory_as_configured",
+    "keeps_freed_cpu_memory",
     "malloc_settings_from_environment",
 ]
 
 logger = logging.getLogger(__name__)
+_applied = False
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters, <malloc.h>
 _M_MMAP_MAX = -4
@@ -68,16 +70,14 @@ def keep_freed_cpu_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # mallopt returns 1 on success. A trim threshold of -1 disables trimming (mallopt(3)).
+    global _applied
     applied = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, -1) == 1
+    _applied = _applied or applied
     if applied:
         logger.info("malloc keeps freed memory for reuse (M_MMAP_MAX=0, M_TRIM_THRESHOLD=-1)")
     return applied
 
 
-def keep_freed_cpu_memory_as_configured(cfg) -> bool:
-    """:func:`keep_freed_cpu_memory` when the config trains on the CPU (``train.device``) with
-    ``train.keep_freed_cpu_memory`` (default True): what train_net.py does. Returns whether applied."""
-    train = cfg.train
-    if str(train.device) != "cpu" or not train.get("keep_freed_cpu_memory", True):
-        return False
-    return keep_freed_cpu_memory()
+def keeps_freed_cpu_memory() -> bool:
+    """Whether :func:`keep_freed_cpu_memory` has applied its settings in this process."""
+    return _applied

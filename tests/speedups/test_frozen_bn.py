@@ -1,4 +1,6 @@
-"""fuse_frozen_batchnorm / fold_frozen_batchnorm / optimize_for_inference keep the outputs."""
+"""The speed-ups of smca_d2.speedups keep the outputs: fuse_frozen_batchnorm,
+fold_frozen_batchnorm, the fast CPU stem, channels-last, and optimize_for_training /
+optimize_for_inference / apply_speedups, which combine them."""
 import copy
 
 import torch
@@ -6,14 +8,19 @@ import torch
 from detectron2.layers import FrozenBatchNorm2d
 from detectron2.modeling.backbone import BasicStem, ResNet
 
-from smca_d2.modeling.fusion import (
-    FastCPUStem,
-    FrozenBNConv2d,
+import pytest
+
+from smca_d2.speedups import (
+    apply_speedups,
     fold_frozen_batchnorm,
     fuse_frozen_batchnorm,
     optimize_for_inference,
+    optimize_for_training,
     use_fast_cpu_stem,
 )
+from smca_d2.speedups.dropout import FastCPUDropout, FastDropoutCoAttention, FastDropoutMultiheadAttention
+from smca_d2.speedups.frozen_bn import FrozenBNConv2d
+from smca_d2.speedups.stem import FastCPUStem
 
 
 def _resnet(depth=18, freeze_at=0):
@@ -113,7 +120,7 @@ def test_strided_1x1_convolutions_subsample_their_input_on_the_cpu(monkeypatch):
         torch.testing.assert_close(folded[k], ref[k].detach(), rtol=1e-4, atol=1e-4 * float(ref[k].abs().max()))
 
 
-def test_models_fuse_their_frozen_batchnorms_by_default():
+def _r18_smca_with_frozen_bn():
     import os
 
     from detectron2.config import LazyCall as L
@@ -123,14 +130,59 @@ def test_models_fuse_their_frozen_batchnorms_by_default():
     cfg = LazyConfig.load(os.path.join(repo, "configs", "smca_single_scale_r50_50ep.py")).model
     # R18 with the R50 config's frozen batch norms (quicker to build).
     cfg.backbone.stages = L(ResNet.make_default_stages)(depth=18, norm="FrozenBN")
-    model = instantiate(cfg)
-    assert sum(isinstance(m, FrozenBNConv2d) for m in model.backbone.modules()) == 1 + 8 * 2 + 3
-    assert isinstance(model.backbone.stem, FastCPUStem)
-    cfg.fuse_frozen_bn = False
-    cfg.fast_cpu_stem = False
-    plain = instantiate(cfg)
-    assert not any(isinstance(m, (FrozenBNConv2d, FastCPUStem)) for m in plain.modules())
-    assert plain.state_dict().keys() == model.state_dict().keys()
+    cfg.transformer.encoder.num_layers = 1
+    cfg.transformer.decoder.num_layers = 2
+    return instantiate(cfg)
+
+
+def test_the_model_is_built_plain_and_optimize_for_training_applies_each_option():
+    model = _r18_smca_with_frozen_bn()
+    speedup_types = (FrozenBNConv2d, FastCPUStem, FastCPUDropout, FastDropoutMultiheadAttention, FastDropoutCoAttention)
+    assert not any(isinstance(m, speedup_types) for m in model.modules())  # SMCADETR has no speed flags
+    keys = model.state_dict().keys()
+
+    def count(m, cls):
+        return sum(isinstance(x, cls) for x in m.modules())
+
+    only_bn = optimize_for_training(
+        copy.deepcopy(model), fast_cpu_stem=False, fast_cpu_dropout=False, channels_last=False
+    )
+    assert count(only_bn, FrozenBNConv2d) == 1 + 8 * 2 + 3 and not count(only_bn, (FastCPUStem, FastCPUDropout))
+    fast = optimize_for_training(copy.deepcopy(model))  # the defaults of train.speedups
+    assert count(fast.backbone, FrozenBNConv2d) == 1 + 8 * 2 + 3
+    assert isinstance(fast.backbone.stem, FastCPUStem)
+    # encoder: 3 dropouts + self-attention; decoder: 4 dropouts + self- and co-attention, per layer
+    assert count(fast, FastCPUDropout) == 3 + 2 * 4
+    assert count(fast, FastDropoutMultiheadAttention) == 1 + 2 and count(fast, FastDropoutCoAttention) == 2
+    assert fast.state_dict().keys() == keys
+    assert not fast.backbone._forward_pre_hooks
+    assert fast.backbone.stem.conv1.weight.is_contiguous()
+    cl = optimize_for_training(copy.deepcopy(model), channels_last=True)
+    assert cl.backbone.stem.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert len(cl.backbone._forward_pre_hooks) == 1
+    optimize_for_training(cl, channels_last=True)  # applying twice changes nothing more
+    assert len(cl.backbone._forward_pre_hooks) == 1
+
+    model.eval()
+    fast.eval()
+    image = torch.rand(3, 64, 96) * 255
+    with torch.no_grad():
+        a, b = (m([{"image": image}])[0]["instances"] for m in (model, fast))
+    torch.testing.assert_close(b.scores, a.scores, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b.pred_boxes.tensor, a.pred_boxes.tensor, rtol=1e-4, atol=1e-3)
+
+
+def test_apply_speedups_reads_train_speedups_and_refuses_unknown_options():
+    model = _r18_smca_with_frozen_bn()
+    trained = apply_speedups(copy.deepcopy(model), {"fast_cpu_dropout": False, "keep_freed_cpu_memory": False},
+                             device="cpu", training=True)
+    assert isinstance(trained.backbone.stem, FastCPUStem)
+    assert not any(isinstance(m, FastCPUDropout) for m in trained.modules())
+    evaluated = apply_speedups(copy.deepcopy(model), None, device="cpu", training=False)
+    assert not evaluated.training
+    assert not any(isinstance(m, FrozenBatchNorm2d) for m in evaluated.backbone.modules())  # folded
+    with pytest.raises(ValueError, match=r"unknown train.speedups option\(s\) \['fuse_frozen_batchnorm'\]"):
+        apply_speedups(model, {"fuse_frozen_batchnorm": True}, device="cpu", training=True)
 
 
 def _max_pool_inputs(monkeypatch):
@@ -204,9 +256,7 @@ def test_channels_last_model_gives_the_same_outputs_and_losses():
     cfg.transformer.decoder.dropout = 0.0
     torch.manual_seed(0)
     plain = instantiate(cfg)
-    cfg.channels_last = True
-    fast = instantiate(cfg)
-    fast.load_state_dict(plain.state_dict())
+    fast = optimize_for_training(copy.deepcopy(plain), channels_last=True)
     assert fast.backbone.stem.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     image = torch.rand(3, 96, 128) * 255
     inst = Instances((96, 128), gt_boxes=Boxes(torch.tensor([[10.0, 20.0, 60.0, 70.0]])), gt_classes=torch.tensor([1]))

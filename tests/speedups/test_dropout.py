@@ -1,4 +1,4 @@
-"""The cheap CPU dropout masks (smca_d2.modeling.dropout): the same dropout in distribution as
+"""The cheap CPU dropout masks (smca_d2.speedups.dropout): the same dropout in distribution as
 torch's, reproducible under torch.manual_seed, and the same attention as torch's modules."""
 import pytest
 import torch
@@ -6,8 +6,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import REPO
-from smca_d2.modeling.attention import MultiheadAttention
-from smca_d2.modeling.dropout import Dropout, attention, drop_mask, dropout, set_fast_cpu_dropout
+from smca_d2.speedups.dropout import (
+    FastCPUDropout,
+    FastDropoutCoAttention,
+    FastDropoutMultiheadAttention,
+    attention,
+    drop_mask,
+    dropout,
+    use_fast_cpu_dropout,
+)
 
 SCALE = 65536 / (65536 - 6554)  # p = 0.1 is dropped with probability 6554 / 65536
 
@@ -61,15 +68,12 @@ def test_identity_and_edge_cases():
     assert drop_mask((3, 50), 0.5).dtype == torch.bool
     with pytest.raises(ValueError, match="between 0 and 1"):
         dropout(x, 1.5)
-    # fast=False and other devices: torch's own dropout, same random stream
-    torch.manual_seed(5)
-    ref = F.dropout(x, 0.3, True)
-    torch.manual_seed(5)
-    assert torch.equal(dropout(x, 0.3, fast=False), ref)
+    # in eval mode (and on other devices): torch's own dropout
+    assert torch.equal(FastCPUDropout(0.3).eval()(x), x)
 
 
 def test_dropout_module():
-    m = Dropout(0.2)
+    m = FastCPUDropout(0.2)
     x = torch.randn(50, 40)
     assert torch.equal(m.eval()(x), x)
     m.train()
@@ -77,9 +81,8 @@ def test_dropout_module():
     y = m(x)
     torch.manual_seed(1)
     assert torch.equal(y, dropout(x, 0.2))
-    m.fast_cpu_dropout = False
     torch.manual_seed(1)
-    assert torch.equal(m(x), (torch.manual_seed(1), F.dropout(x, 0.2, True))[1])
+    assert torch.equal(nn.Dropout(0.2)(x), (torch.manual_seed(1), F.dropout(x, 0.2, True))[1])
     assert "p=0.2" in repr(m)
 
 
@@ -139,7 +142,7 @@ def test_attention_with_dropout_under_cpu_autocast():
 
 def _pair(dropout_p):
     torch.manual_seed(0)
-    ours = MultiheadAttention(32, 4, dropout=dropout_p, batch_first=True)
+    ours = FastDropoutMultiheadAttention(32, 4, dropout=dropout_p, batch_first=True)
     torch.manual_seed(0)
     theirs = nn.MultiheadAttention(32, 4, dropout=dropout_p, batch_first=True)
     return ours, theirs
@@ -191,16 +194,28 @@ def test_multihead_attention_matches_torch():
     assert torch.equal(a, theirs(x, x, v, key_padding_mask=float_pad, need_weights=False)[0])
 
 
-def test_set_fast_cpu_dropout_reaches_every_module():
+def test_use_fast_cpu_dropout_reaches_every_module_and_keeps_eval_outputs():
+    import copy
     import os
 
     from detectron2.config import instantiate
 
     from smca_d2.engine import load_config
+    from smca_d2.modeling.attention import SpatiallyModulatedCoAttention
 
-    cfg = load_config(os.path.join(REPO, "configs", "common", "r18_synthetic.py"), ["model.fast_cpu_dropout=False"])
+    cfg = load_config(os.path.join(REPO, "configs", "common", "r18_synthetic.py"))
+    torch.manual_seed(0)
     model = instantiate(cfg.model)
-    flags = [m.fast_cpu_dropout for m in model.modules() if hasattr(type(m), "fast_cpu_dropout")]
-    assert len(flags) > 5 and not any(flags)
-    set_fast_cpu_dropout(model, True)
-    assert all(m.fast_cpu_dropout for m in model.modules() if hasattr(type(m), "fast_cpu_dropout"))
+    fast = copy.deepcopy(model)
+    n = use_fast_cpu_dropout(fast)
+    plain_types = (nn.Dropout, nn.MultiheadAttention, SpatiallyModulatedCoAttention)
+    assert n == sum(type(m) in plain_types for m in model.modules()) > 5
+    assert not any(type(m) in plain_types for m in fast.modules())
+    assert sum(isinstance(m, FastDropoutCoAttention) for m in fast.modules()) == 3
+    assert use_fast_cpu_dropout(fast) == 0  # idempotent
+    assert fast.state_dict().keys() == model.state_dict().keys()
+    model.eval(), fast.eval()
+    image = torch.rand(3, 64, 80) * 255
+    with torch.no_grad():
+        a, b = (m([{"image": image}])[0]["instances"] for m in (model, fast))
+    assert torch.equal(a.scores, b.scores)

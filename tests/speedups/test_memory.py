@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from smca_d2.engine.memory import glibc_malloc
+from smca_d2.speedups.memory import glibc_malloc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -15,7 +15,7 @@ SCRIPT = """
 import resource, sys
 import torch
 sys.path.insert(0, {repo!r})
-from smca_d2.engine.memory import keep_freed_cpu_memory
+from smca_d2.speedups.memory import keep_freed_cpu_memory
 applied = keep_freed_cpu_memory() if sys.argv[1] == "keep" else None
 
 def step():

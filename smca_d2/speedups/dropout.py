@@ -13,8 +13,11 @@ scaled by the inverse of that probability, so the expectation is exact. Only the
 differs from ``torch.nn.functional.dropout``. Other devices (CUDA draws its masks with a
 vectorized Philox) use torch's dropout unchanged.
 
-Modules that drop out (:class:`Dropout`, and in :mod:`smca_d2.modeling.attention` the
-self-attention and the co-attention) carry a ``fast_cpu_dropout`` attribute; :func:`set_fast_cpu_dropout` sets it on a whole model.
+The model itself uses torch's modules (``nn.Dropout``, ``nn.MultiheadAttention``) and
+:class:`~smca_d2.modeling.attention.SpatiallyModulatedCoAttention`, whose ``attend`` is
+``F.scaled_dot_product_attention``. :func:`use_fast_cpu_dropout` turns those of a built model into
+the subclasses below (same parameters, state-dict keys and eval-mode results), which take the
+cheap mask only in training on the CPU with ``p > 0``, and torch's own path otherwise.
 """
 import math
 
@@ -22,6 +25,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from smca_d2.modeling.attention import SpatiallyModulatedCoAttention, padding_bias
+
+__all__ = [
+    "FastCPUDropout",
+    "FastDropoutCoAttention",
+    "FastDropoutMultiheadAttention",
+    "attention",
+    "drop_mask",
+    "dropout",
+    "use_fast_cpu_dropout",
+]
 
 _LEVELS = 1 << 16
 
@@ -102,14 +117,14 @@ class _SoftmaxDropMatmul(torch.autograd.Function):
         return grad_logits, grad_v, None, None
 
 
-def uses_fast_dropout(x: torch.Tensor, p: float, training: bool, fast: bool = True) -> bool:
+def uses_fast_dropout(x: torch.Tensor, p: float, training: bool) -> bool:
     """Whether :func:`dropout` takes the cheap-mask path for ``x``."""
-    return fast and training and p > 0 and x.device.type == "cpu"
+    return training and p > 0 and x.device.type == "cpu"
 
 
-def dropout(x: torch.Tensor, p: float, training: bool = True, fast: bool = True) -> torch.Tensor:
-    """``F.dropout(x, p, training)``, with the cheap CPU mask when ``fast`` (see the module doc)."""
-    if not uses_fast_dropout(x, p, training, fast):
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """``F.dropout(x, p, training)``, with the cheap CPU mask (see the module doc)."""
+    if not uses_fast_dropout(x, p, training):
         return F.dropout(x, p, training)
     scale = _keep_scale(p)
     if scale is None:
@@ -117,18 +132,7 @@ def dropout(x: torch.Tensor, p: float, training: bool = True, fast: bool = True)
     return _DropAndScale.apply(x, drop_mask(x.shape, p), scale)
 
 
-class Dropout(nn.Dropout):
-    """:class:`torch.nn.Dropout` with the cheap CPU mask (``fast_cpu_dropout``, default True)."""
-
-    fast_cpu_dropout = True
-
-    def forward(self, x):
-        if self.inplace:
-            return super().forward(x)
-        return dropout(x, self.p, self.training, self.fast_cpu_dropout)
-
-
-def attention(q, k, v, bias=None, dropout_p: float = 0.0, fast: bool = True):
+def attention(q, k, v, bias=None, dropout_p: float = 0.0):
     """Scaled dot-product attention ``softmax(q k^T / sqrt(d) + bias) v`` over ``[..., L, d]``.
 
     ``F.scaled_dot_product_attention``, except when its dropout would draw a mask on the CPU:
@@ -136,7 +140,7 @@ def attention(q, k, v, bias=None, dropout_p: float = 0.0, fast: bool = True):
     and dropped out with the cheap mask, softmax, dropout and the product with ``v`` in one autograd
     node (:class:`_SoftmaxDropMatmul`). ``dropout_p`` > 0 means training.
     """
-    if not uses_fast_dropout(q, dropout_p, True, fast):
+    if not uses_fast_dropout(q, dropout_p, True):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
     scale = _keep_scale(dropout_p)
     logits = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-2, -1)
@@ -147,9 +151,82 @@ def attention(q, k, v, bias=None, dropout_p: float = 0.0, fast: bool = True):
     return _SoftmaxDropMatmul.apply(logits, v, drop_mask(logits.shape, dropout_p), scale)
 
 
-def set_fast_cpu_dropout(model: nn.Module, enabled: bool) -> nn.Module:
-    """Turn the cheap CPU dropout mask on or off in every module of ``model`` that has one."""
+class FastCPUDropout(nn.Dropout):
+    """:class:`torch.nn.Dropout` with the cheap CPU mask in training."""
+
+    def forward(self, x):
+        if self.inplace:
+            return super().forward(x)
+        return dropout(x, self.p, self.training)
+
+
+class FastDropoutCoAttention(SpatiallyModulatedCoAttention):
+    """The co-attention with its attention-weight dropout drawing the cheap CPU mask."""
+
+    def attend(self, q, k, v, bias, dropout_p):
+        return attention(q, k, v, bias, dropout_p)
+
+
+class FastDropoutMultiheadAttention(nn.MultiheadAttention):
+    """:class:`torch.nn.MultiheadAttention` whose attention-weight dropout draws the cheap CPU
+    mask in training.
+
+    The cheap path supports what SMCA's encoder and decoder use: ``batch_first``, no
+    ``attn_mask``, a bool ``key_padding_mask`` or none, ``need_weights=False``; anything else goes
+    to the parent class.
+    """
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None, **kwargs):
+        fast = (
+            self.batch_first
+            and not need_weights
+            and attn_mask is None
+            and (key_padding_mask is None or key_padding_mask.dtype == torch.bool)
+            and not kwargs
+            and self._qkv_same_embed_dim
+            and self.in_proj_bias is not None
+            and self.bias_k is None
+            and uses_fast_dropout(query, self.dropout, self.training)
+        )
+        if not fast:
+            return super().forward(
+                query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                attn_mask=attn_mask, **kwargs,
+            )
+        return self._project_and_attend(query, key, value, key_padding_mask, self.dropout), None
+
+    def _project_and_attend(self, query, key, value, key_padding_mask, dropout_p):
+        c, h = self.embed_dim, self.num_heads
+        w, b = self.in_proj_weight, self.in_proj_bias
+        if query is key:  # self-attention with positions: one product for q and k
+            q, k = F.linear(query, w[: 2 * c], b[: 2 * c]).chunk(2, dim=-1)
+        else:
+            q, k = F.linear(query, w[:c], b[:c]), F.linear(key, w[c : 2 * c], b[c : 2 * c])
+        v = F.linear(value, w[2 * c :], b[2 * c :])
+
+        def heads(x):
+            return x.unflatten(-1, (h, c // h)).transpose(1, 2)
+
+        bias = None if key_padding_mask is None else padding_bias(key_padding_mask, 1)
+        out = attention(heads(q), heads(k), heads(v), bias, dropout_p)
+        return self.out_proj(out.transpose(1, 2).flatten(2))
+
+
+_FAST_CLASSES = {
+    nn.Dropout: FastCPUDropout,
+    nn.MultiheadAttention: FastDropoutMultiheadAttention,
+    SpatiallyModulatedCoAttention: FastDropoutCoAttention,
+}
+
+
+def use_fast_cpu_dropout(model: nn.Module) -> int:
+    """Turn every ``nn.Dropout``, ``nn.MultiheadAttention`` and co-attention of ``model`` (exactly
+    those classes, not subclasses) into its cheap-CPU-mask subclass, in place (nothing copied:
+    same parameters and state-dict keys); returns how many."""
+    changed = 0
     for module in model.modules():
-        if hasattr(type(module), "fast_cpu_dropout"):
-            module.fast_cpu_dropout = enabled
-    return model
+        fast = _FAST_CLASSES.get(type(module))
+        if fast is not None:
+            module.__class__ = fast
+            changed += 1
+    return changed
