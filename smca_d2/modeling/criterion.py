@@ -5,8 +5,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import box_convert
+from torchvision.ops import sigmoid_focal_loss as _torchvision_focal_loss
 
-from .box_ops import box_cxcywh_to_xyxy, elementwise_generalized_box_iou
+from .box_ops import elementwise_generalized_box_iou
 
 __all__ = ["sigmoid_focal_loss", "SetCriterion"]
 
@@ -16,8 +18,8 @@ _LOSS_NAMES = ("loss_class", "loss_bbox", "loss_giou")
 def sigmoid_focal_loss(
     inputs: Tensor, targets: Tensor, num_boxes: float, alpha: float = 0.25, gamma: float = 2.0
 ) -> Tensor:
-    """Focal loss (https://arxiv.org/abs/1708.02002) summed over all elements and divided by
-    ``num_boxes``.
+    """Focal loss (https://arxiv.org/abs/1708.02002, ``torchvision.ops.sigmoid_focal_loss``)
+    summed over all elements and divided by ``num_boxes``, in float32.
 
     Summing over every query and class (rather than averaging over queries) is the "box"
     normalization of the official SMCA code.
@@ -33,14 +35,8 @@ def sigmoid_focal_loss(
         Tensor: scalar loss, float32.
     """
     inputs = inputs.float()
-    targets = targets.to(inputs.dtype)
-    prob = inputs.sigmoid()
-    ce = F.binary_cross_entropy_with_logits(inputs, targets, reduction="none")
-    p_t = prob * targets + (1 - prob) * (1 - targets)
-    loss = ce * (1 - p_t) ** gamma
-    if alpha >= 0:
-        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
-    return loss.sum() / num_boxes
+    loss = _torchvision_focal_loss(inputs, targets.to(inputs.dtype), alpha=alpha, gamma=gamma, reduction="sum")
+    return loss / num_boxes
 
 
 class SetCriterion(nn.Module):
@@ -144,7 +140,7 @@ class SetCriterion(nn.Module):
             [t["boxes"][j].to(device=src.device) for t, (_, j) in zip(targets, indices)]
         ).float()
         loss_bbox = F.l1_loss(src, tgt, reduction="sum") / num_boxes
-        giou = elementwise_generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))
+        giou = elementwise_generalized_box_iou(box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"))
         loss_giou = (1 - giou).sum() / num_boxes
         return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
 

@@ -4,8 +4,9 @@ from typing import Dict, List, Tuple
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
+from torchvision.ops import box_convert
 
-from .box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from .box_ops import generalized_box_iou
 
 __all__ = ["HungarianMatcher"]
 
@@ -89,7 +90,7 @@ class HungarianMatcher(nn.Module):
 
         cost_class = self._class_cost(logits[:, tgt_labels])
         cost_bbox = torch.cdist(boxes, tgt_boxes, p=1)
-        giou = generalized_box_iou(box_cxcywh_to_xyxy(boxes), box_cxcywh_to_xyxy(tgt_boxes))
+        giou = generalized_box_iou(box_convert(boxes, "cxcywh", "xyxy"), box_convert(tgt_boxes, "cxcywh", "xyxy"))
         return self.cost_bbox * cost_bbox + self.cost_class * cost_class - self.cost_giou * giou
 
     @torch.no_grad()

@@ -7,8 +7,8 @@ from torch import nn
 
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
+from torchvision.ops import box_convert
 
-from .box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh
 from .decoder import MLP
 from .position_encoding import PositionEmbeddingSine
 
@@ -202,7 +202,7 @@ class SMCADETR(nn.Module):
             inst = inst.to(self.device)
             h, w = inst.image_size
             scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=self.device)
-            boxes = box_xyxy_to_cxcywh(inst.gt_boxes.tensor.float() / scale)
+            boxes = box_convert(inst.gt_boxes.tensor.float() / scale, "xyxy", "cxcywh")
             targets.append({"labels": inst.gt_classes, "boxes": boxes})
         return targets
 
@@ -218,7 +218,7 @@ class SMCADETR(nn.Module):
         scores, index = logits.sigmoid().flatten(1).topk(k, dim=1)
         query_index = torch.div(index, c, rounding_mode="floor")
         labels = index % c
-        boxes_xyxy = box_cxcywh_to_xyxy(boxes.float())
+        boxes_xyxy = box_convert(boxes.float(), "cxcywh", "xyxy")
         results = []
         for i, (h, w) in enumerate(image_sizes):
             scale = torch.tensor([w, h, w, h], dtype=torch.float32, device=boxes.device)

@@ -3,21 +3,23 @@ import math
 
 import pytest
 import torch
+from torchvision.ops import box_convert
 
 from smca_d2.modeling import box_ops
 from smca_d2.modeling import criterion as criterion_module
-from smca_d2.modeling.box_ops import (
-    box_area,
-    box_cxcywh_to_xyxy,
-    box_iou,
-    box_xyxy_to_cxcywh,
-    elementwise_generalized_box_iou,
-    generalized_box_iou,
-)
+from smca_d2.modeling.box_ops import box_area, box_iou, elementwise_generalized_box_iou, generalized_box_iou
 from smca_d2.modeling.criterion import SetCriterion, sigmoid_focal_loss
 from smca_d2.modeling.matcher import HungarianMatcher
 
 ALPHA, GAMMA = 0.25, 2.0
+
+
+def box_cxcywh_to_xyxy(boxes):
+    return box_convert(boxes, "cxcywh", "xyxy")
+
+
+def box_xyxy_to_cxcywh(boxes):
+    return box_convert(boxes, "xyxy", "cxcywh")
 
 
 def _target(labels, boxes):

@@ -9,16 +9,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from smca_d2.modeling.box_ops import (
-    box_area,
-    box_cxcywh_to_xyxy,
-    box_iou,
-    box_xyxy_to_cxcywh,
-    elementwise_generalized_box_iou,
-    generalized_box_iou,
-)
+from torchvision.ops import box_convert
+
+from smca_d2.modeling.box_ops import box_area, box_iou, elementwise_generalized_box_iou, generalized_box_iou
 from smca_d2.modeling.criterion import SetCriterion
 from smca_d2.modeling.matcher import HungarianMatcher
+
+
+def box_cxcywh_to_xyxy(boxes):
+    return box_convert(boxes, "cxcywh", "xyxy")
+
+
+def box_xyxy_to_cxcywh(boxes):
+    return box_convert(boxes, "xyxy", "cxcywh")
+
 
 # No example database, and hypothesis's caches go to the temp folder, not .hypothesis/ in the work tree.
 set_hypothesis_home_dir(os.path.join(tempfile.gettempdir(), "smca_d2_hypothesis"))
