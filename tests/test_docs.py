@@ -293,3 +293,24 @@ def test_an_uncovered_command_is_named(monkeypatch):
     why = check_command("python train_net.py --config-file configs/demo/smca_r18_synthetic.py train.max_iters=5",
                         monkeypatch)
     assert "train.max_iters" in why
+
+
+def _anchors(path):
+    with open(path) as f:
+        titles = [line.lstrip("#").strip() for line in f if line.startswith("#")]
+    return {re.sub(r"[^\w\- ]", "", t.lower()).replace(" ", "-") for t in titles}
+
+
+def test_relative_links_and_anchors_exist():
+    broken = []
+    for path in DOC_FILES:
+        with open(path) as f:
+            text = f.read()
+        for link in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"^[a-z]+:", link):
+                continue
+            target, _, anchor = link.partition("#")
+            full = os.path.normpath(os.path.join(os.path.dirname(path), target)) if target else path
+            if not os.path.exists(full) or (anchor and anchor not in _anchors(full)):
+                broken.append(f"{os.path.relpath(path, REPO)}: {link}")
+    assert not broken, "broken links:\n" + "\n".join(broken)
