@@ -1,8 +1,8 @@
 """Dropout with cheap random masks on the CPU.
 
 On the CPU, torch draws a dropout mask one element at a time from its Mersenne Twister (and takes
-the vectorized MKL path only on Intel processors), which makes dropout's random numbers about a
-seventh of an R50 SMCA training step. Here the mask comes from 16-bit slices of NumPy's SFC64
+the vectorized MKL path only on Intel processors), which makes dropout's random numbers a
+sizeable part of an R50 SMCA training step (the speed benchmark measures it). Here the mask comes from 16-bit slices of NumPy's SFC64
 generator instead (four mask elements per 64-bit draw, a tight C loop), seeded for every call
 from torch's default generator, so that ``torch.manual_seed`` (and Detectron2's ``seed_all_rng``)
 still make training reproducible.
