@@ -12,7 +12,7 @@
 # * the backbone in channels-last memory format (faster convolutions on the CPU);
 # * batches of images of one size (rounded up to 16 px): the flips keep image sizes, so a batch
 #   is padded much less than with the aspect-ratio grouping.
-from smca_d2.engine.resumable import build_resumable_train_loader
+from smca_d2.data import build_resumable_train_loader
 
 from ..common.r18_synthetic import dataloader, model, optimizer, train
 from ..common.schedule import step_schedule

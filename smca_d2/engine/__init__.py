@@ -11,7 +11,6 @@ from .config import (
 from .ema import EMAHook, ModelEMA, use_ema_weights
 from .memory import keep_freed_cpu_memory, keep_freed_cpu_memory_as_configured
 from .hooks import DeterministicSteps, NonFiniteLossCheck, NonFiniteLossError
-from .resumable import ResumableTrainLoader, build_resumable_train_loader
 
 __all__ = [
     "AMPTrainer",
@@ -20,10 +19,8 @@ __all__ = [
     "ModelEMA",
     "NonFiniteLossCheck",
     "NonFiniteLossError",
-    "ResumableTrainLoader",
     "UnknownConfigKeyError",
     "amp_dtype",
-    "build_resumable_train_loader",
     "check_config_datasets",
     "check_device",
     "check_num_classes",

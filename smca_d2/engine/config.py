@@ -31,9 +31,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-_VALIDATED_DATASET = "smca_d2.data.validation.validated_dataset_dicts"
-_ROBUST_MAPPER = "smca_d2.data.validation.RobustDatasetMapper"
-_RESUMABLE_LOADER = "smca_d2.engine.resumable.build_resumable_train_loader"
+_VALIDATED_DATASET = "smca_d2.data.dataset_dicts.validated_dataset_dicts"
+_ROBUST_MAPPER = "smca_d2.data.mapper.RobustDatasetMapper"
+_RESUMABLE_LOADER = "smca_d2.data.resumable_loader.build_resumable_train_loader"
 
 # The options of configs/common/train.py that detectron2's configs/common/train.py does not have,
 # with the values given there (-1: a random seed, what detectron2's default_setup does without one).
@@ -76,9 +76,9 @@ def prepare_config(cfg) -> List[str]:
     ========================================================  =============================================
     detectron2 (as ``_target_``)                              replaced by
     ========================================================  =============================================
-    ``get_detection_dataset_dicts`` (train and test)          :func:`smca_d2.data.validation.validated_dataset_dicts`
-    ``DatasetMapper`` (train and test)                        :class:`smca_d2.data.validation.RobustDatasetMapper`
-    ``build_detection_train_loader`` (without a ``sampler``)  :func:`smca_d2.engine.resumable.build_resumable_train_loader`
+    ``get_detection_dataset_dicts`` (train and test)          :func:`smca_d2.data.dataset_dicts.validated_dataset_dicts`
+    ``DatasetMapper`` (train and test)                        :class:`smca_d2.data.mapper.RobustDatasetMapper`
+    ``build_detection_train_loader`` (without a ``sampler``)  :func:`smca_d2.data.resumable_loader.build_resumable_train_loader`
     ========================================================  =============================================
 
     The replacements take the same arguments, plus options of their own that can then be
@@ -260,7 +260,7 @@ def config_dataset_names(cfg, splits=("train", "test")) -> List[str]:
 
 def check_config_datasets(cfg, splits=("train", "test")) -> None:
     """The datasets of ``cfg`` are registered and their files exist (see
-    :func:`smca_d2.data.validation.check_dataset_files`)."""
-    from smca_d2.data.validation import check_dataset_files
+    :func:`smca_d2.data.check_dataset_files`)."""
+    from smca_d2.data import check_dataset_files
 
     check_dataset_files(config_dataset_names(cfg, splits))

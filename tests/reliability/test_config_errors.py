@@ -10,7 +10,7 @@ from detectron2.config import LazyConfig, instantiate
 
 from reliability_helpers import register, simple_image, write_coco
 from smca_d2.checkpoint import CheckpointMismatchError, SafeCheckpointer
-from smca_d2.data.validation import DatasetNotFoundError
+from smca_d2.data import DatasetNotFoundError
 from smca_d2.engine import (
     UnknownConfigKeyError,
     check_config_datasets,
@@ -71,11 +71,11 @@ def test_prepare_config_replaces_detectron2_data_functions():
         "dataloader.train", "dataloader.train.dataset", "dataloader.test.dataset",
         "dataloader.train.mapper", "dataloader.test.mapper",
     }
-    assert cfg.dataloader.train._target_ == "smca_d2.engine.resumable.build_resumable_train_loader"
+    assert cfg.dataloader.train._target_ == "smca_d2.data.resumable_loader.build_resumable_train_loader"
     assert cfg.train.strict_load is False
     assert prepare_config(cfg) == []  # idempotent
     # The demo names smca_d2's loader itself (for its size_grouping): kept, the rest replaced.
-    from smca_d2.engine.resumable import build_resumable_train_loader
+    from smca_d2.data import build_resumable_train_loader
 
     demo = LazyConfig.load(DEMO)
     assert "dataloader.train" not in prepare_config(demo)
