@@ -38,7 +38,7 @@ from fvcore.nn import flop_count_table, parameter_count, parameter_count_table  
 from fvcore.nn.jit_handles import get_shape  # noqa: E402
 
 from smca_d2.compat import flop_count_analysis  # noqa: E402
-from smca_d2.inference import load_config  # noqa: E402
+from smca_d2.engine import load_config  # noqa: E402
 
 # Elementwise / reduction / indexing ops: not counted, by the usual convention (as in detectron2).
 ELEMENTWISE_OPS = {

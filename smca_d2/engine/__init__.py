@@ -2,11 +2,13 @@
 from .amp import AMPTrainer, amp_dtype
 from .checks import check_device, check_num_classes
 from .config import (
+    ConfigChange,
     UnknownConfigKeyError,
+    adapt_foreign_config,
     check_config_datasets,
     check_override_keys,
+    describe_config_changes,
     load_config,
-    prepare_config,
 )
 from .ema import EMAHook, ModelEMA, use_ema_weights
 from .memory import keep_freed_cpu_memory, keep_freed_cpu_memory_as_configured
@@ -14,20 +16,22 @@ from .hooks import DeterministicSteps, NonFiniteLossCheck, NonFiniteLossError
 
 __all__ = [
     "AMPTrainer",
+    "ConfigChange",
     "DeterministicSteps",
     "EMAHook",
     "ModelEMA",
     "NonFiniteLossCheck",
     "NonFiniteLossError",
     "UnknownConfigKeyError",
+    "adapt_foreign_config",
     "amp_dtype",
     "check_config_datasets",
     "check_device",
     "check_num_classes",
     "check_override_keys",
+    "describe_config_changes",
     "keep_freed_cpu_memory",
     "keep_freed_cpu_memory_as_configured",
     "load_config",
-    "prepare_config",
     "use_ema_weights",
 ]
