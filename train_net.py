@@ -7,11 +7,15 @@
 
 The config must hold ``model``, ``dataloader`` (``train``, ``test``, ``evaluator``), ``optimizer``
 (whose ``params.model`` is set here), ``lr_multiplier`` (a ParamScheduler) and ``train`` (see
-configs/common/train.py). detectron2's own ``configs/common/train.py`` does too: the options it
-lacks (``train.seed``, ``train.ema``, ``train.amp.precision``, ``train.speedups``,
-``train.strict_load``) take their defaults, the seed ``-1`` (random, as detectron2's
-``default_setup`` has it; see :class:`~smca_d2.engine.DeterministicSteps`). ``key=value`` overrides
-follow the flags; a key that is not in the config is refused (``+key=value`` adds one on purpose).
+configs/common/train.py). A config written for detectron2 (a model-zoo file) runs too, adapted
+by :func:`~smca_d2.engine.adapt_foreign_config`, and each change is logged: the ``train`` options
+that detectron2's ``configs/common/train.py`` lacks (``train.seed``, ``train.ema``,
+``train.amp.precision``, ``train.speedups``, ``train.strict_load``) are added with
+their defaults, the seed ``-1`` (random, as detectron2's ``default_setup`` has it; see
+:class:`~smca_d2.engine.DeterministicSteps`); and its dataset function, mapper and training loader,
+if detectron2's, become smca_d2's validating / resumable drop-ins, unless ``--data-as-written``.
+The configs under configs/ name what runs and are not changed. ``key=value`` overrides follow the
+flags; a key that is not in the config is refused (``+key=value`` adds one on purpose).
 
 Before any work the config, the datasets (files, json, boxes, images) and the model's class count
 (``model.num_classes``, ``model.roi_heads.num_classes``, ... wherever the model keeps it) are
@@ -50,6 +54,7 @@ from smca_d2.engine import (
     check_config_datasets,
     check_device,
     check_num_classes,
+    describe_config_changes,
     load_config,
     use_ema_weights,
 )
@@ -129,14 +134,29 @@ def do_train(args, cfg):
     trainer.train(start_iter, cfg.train.max_iter)
 
 
+def argument_parser():
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--data-as-written",
+        action="store_true",
+        help="run the dataset function, mapper and training loader that the config names even when "
+        "they are detectron2's (by default smca_d2's validating / resumable drop-ins replace them)",
+    )
+    return parser
+
+
 def main(args):
-    cfg = load_config(args.config_file, args.opts)
+    cfg, changes = load_config(
+        args.config_file, args.opts, replace_data_functions=not args.data_as_written, return_changes=True
+    )
     check_device(cfg.train.device)
     if cfg.train.amp.enabled:
         amp_dtype(torch.device(cfg.train.device).type, cfg.train.amp.precision)
     check_config_datasets(cfg, splits=("test",) if args.eval_only else ("train", "test"))
     default_setup(cfg, args)
     setup_logger(cfg.train.output_dir, comm.get_rank(), name="smca_d2", abbrev_name="smca")
+    if changes:
+        logger.info(describe_config_changes(changes))
     if args.eval_only:
         model = instantiate(cfg.model).to(cfg.train.device)
         model = create_ddp_model(model)
@@ -150,7 +170,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     try:
         launch(
             main,

@@ -15,11 +15,7 @@ import os
 import sys
 import time
 
-try:
-    from smca_d2.data.deepforest import prepare_deepforest
-except ImportError:  # not installed: run from a source checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from smca_d2.data.deepforest import prepare_deepforest
+from smca_d2.data.deepforest import prepare_deepforest
 
 
 def default_output() -> str:

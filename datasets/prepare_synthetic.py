@@ -9,14 +9,9 @@ Usage (from the repository root)::
 import argparse
 import json
 import os
-import sys
 import time
 
-try:
-    from smca_d2.data.synthetic import make_synthetic_coco
-except ImportError:  # not installed: run from a source checkout
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from smca_d2.data.synthetic import make_synthetic_coco
+from smca_d2.data.synthetic import make_synthetic_coco
 
 
 def default_output() -> str:

@@ -17,21 +17,17 @@ import os
 import sys
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+import cv2
+import tqdm
 
-import cv2  # noqa: E402
-import tqdm  # noqa: E402
+import smca_d2  # noqa: F401  (compatibility fixes, registrations)
+from detectron2.data.detection_utils import read_image
+from detectron2.utils.logger import setup_logger
 
-import smca_d2  # noqa: E402,F401  (compatibility fixes, registrations)
-from detectron2.data.detection_utils import read_image  # noqa: E402
-from detectron2.utils.logger import setup_logger  # noqa: E402
-
-from smca_d2.checkpoint import CheckpointUnavailableError  # noqa: E402
-from smca_d2.inference import LazyPredictor  # noqa: E402
-from smca_d2.model_zoo import ConfigNotFoundError  # noqa: E402
-from smca_d2.inference.demo import (  # noqa: E402
+from smca_d2.checkpoint import CheckpointUnavailableError
+from smca_d2.inference import LazyPredictor
+from smca_d2.model_zoo import ConfigNotFoundError
+from smca_d2.inference.demo import (
     collect_inputs,
     instances_to_json,
     output_paths,

@@ -9,7 +9,7 @@ from detectron2.structures import Boxes, Instances
 from smca_d2.checkpoint import SafeCheckpointer
 from smca_d2.data.synthetic import render_image
 from smca_d2.engine import AMPTrainer, amp_dtype
-from smca_d2.inference import load_config
+from smca_d2.engine import load_config
 
 from test_train_net import CONFIG, run_train_net, tiny_overrides
 

@@ -14,11 +14,10 @@ from detectron2 import model_zoo
 from detectron2.config import LazyConfig
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
-from detectron2.engine import default_argument_parser
 
 from conftest import REPO, load_script, write_tiny_coco
-from smca_d2.engine import check_num_classes, load_config, prepare_config
-from smca_d2.engine.config import TRAIN_DEFAULTS
+from smca_d2.engine import ConfigChange, adapt_foreign_config, check_num_classes, load_config
+from smca_d2.engine.config import DATA_REPLACEMENTS, TRAIN_DEFAULTS
 
 RETINANET = "COCO-Detection/retinanet_R_50_FPN_1x.py"
 # detectron2 has no Faster R-CNN LazyConfig (COCO-Detection/faster_rcnn_*.yaml only): its R-CNN
@@ -78,15 +77,15 @@ def tiny_overrides(dataset, out, num_classes_key):
         "train.eval_period=1",
         "train.log_period=1",
         f"train.output_dir={out}",
-        # Added by prepare_config (so no "+"); this process is pytest's, leave its malloc alone.
+        # Added by adapt_foreign_config (so no "+"); this process is pytest's, leave its malloc alone.
         "train.speedups.keep_freed_cpu_memory=False",
     ]
 
 
-def run_main(*args):
+def run_main(*args, train_net=None):
     """train_net.py's main, in this process."""
-    train_net = load_script("train_net.py")
-    return train_net.main(default_argument_parser().parse_args(list(args)))
+    train_net = train_net or load_script("train_net.py")
+    return train_net.main(train_net.argument_parser().parse_args(list(args)))
 
 
 def metrics_of(out):
@@ -102,17 +101,27 @@ def test_the_model_zoo_configs_lack_our_train_options():
     assert "num_classes" not in LazyConfig.load(model_zoo.get_config_file(MASK_RCNN)).model
 
 
-def test_prepare_config_adds_our_train_options_with_the_values_of_our_train_config():
+def test_adapt_foreign_config_adds_our_train_options_with_the_values_of_our_train_config():
     cfg = LazyConfig.load(model_zoo.get_config_file(RETINANET))
-    prepare_config(cfg)
+    added = [c for c in adapt_foreign_config(cfg) if c.key.startswith("train.")]
     ours = LazyConfig.load(os.path.join(REPO, "configs", "common", "train.py")).train
     for key, value in TRAIN_DEFAULTS.items():
         for sub, default in (value.items() if isinstance(value, dict) else [(None, value)]):
-            if key in ours:  # strict_load is not in ours either (prepare_config adds it)
-                assert (ours[key] if sub is None else ours[key][sub]) == default, (key, sub)
+            assert (ours[key] if sub is None else ours[key][sub]) == default, (key, sub)  # declared there
             assert (cfg.train[key] if sub is None else cfg.train[key][sub]) == default, (key, sub)
     assert cfg.train.seed == -1 and cfg.train.ema.enabled is False and cfg.train.amp.enabled is False
     assert cfg.train.amp.precision is None
+    # Each addition is reported: a whole option, or the sub-options of one that detectron2 has
+    # ("amp" exists there, "amp.precision" does not).
+    theirs = LazyConfig.load(model_zoo.get_config_file(RETINANET)).train
+    expected = set()
+    for key, value in TRAIN_DEFAULTS.items():
+        if key not in theirs:
+            expected.add(f"train.{key}")
+        else:
+            expected |= {f"train.{key}.{sub}" for sub in value if sub not in theirs[key]}
+    assert "train.strict_load" in expected and "train.amp.precision" in expected
+    assert {c.key for c in added} == expected and all(c.old is None for c in added)
 
     # So they can be overridden without "+" (a key not in the config is refused otherwise).
     overridden = load_config(model_zoo.get_config_file(RETINANET),
@@ -124,9 +133,67 @@ def test_prepare_config_adds_our_train_options_with_the_values_of_our_train_conf
     ours_cfg = LazyConfig.load(model_zoo.get_config_file(RETINANET))
     ours_cfg.train.seed = 7
     ours_cfg.train.ema = {"enabled": True}
-    prepare_config(ours_cfg)
+    changes = adapt_foreign_config(ours_cfg)
     assert ours_cfg.train.seed == 7
     assert ours_cfg.train.ema.enabled is True and ours_cfg.train.ema.decay == 0.9998
+    assert ConfigChange("train.ema.decay", None, 0.9998) in changes and "train.seed" not in {c.key for c in changes}
+
+
+def test_foreign_data_functions_are_replaced_reported_and_switchable():
+    from smca_d2.data import RobustDatasetMapper, build_resumable_train_loader, validated_dataset_dicts
+
+    path = model_zoo.get_config_file(RETINANET)
+    cfg, changes = load_config(path, return_changes=True)
+    replaced = {c.key: c for c in changes if c.key.endswith("._target_")}
+    assert set(replaced) == {
+        "dataloader.train._target_", "dataloader.train.dataset._target_", "dataloader.test.dataset._target_",
+        "dataloader.train.mapper._target_", "dataloader.test.mapper._target_",
+    }
+    assert set(DATA_REPLACEMENTS) == {c.old for c in replaced.values()}
+    assert str(replaced["dataloader.train._target_"]) == (
+        "dataloader.train._target_: detectron2.data.build.build_detection_train_loader -> "
+        "smca_d2.data.resumable_loader.build_resumable_train_loader"
+    )
+    for key, target in (("dataloader.train", build_resumable_train_loader),
+                        ("dataloader.train.dataset", validated_dataset_dicts),
+                        ("dataloader.test.mapper", RobustDatasetMapper)):
+        assert OmegaConf.select(cfg, key)._target_ == f"{target.__module__}.{target.__name__}"
+    # Options of the drop-ins can then be overridden.
+    cfg = load_config(path, ["dataloader.train.dataset.verify_images=True", "dataloader.train.size_grouping=32"])
+    assert cfg.dataloader.train.dataset.verify_images is True
+
+    # Switched off: the data functions are detectron2's, as written; the train options are still added.
+    as_written, changes = load_config(path, replace_data_functions=False, return_changes=True)
+    original = LazyConfig.load(path)
+    assert as_written.dataloader == original.dataloader
+    assert changes and all(c.key.startswith("train.") for c in changes)
+    # A training loader with its own sampler is kept.
+    original.dataloader.train.sampler = {"_target_": "detectron2.data.samplers.TrainingSampler", "size": 1}
+    assert "dataloader.train._target_" not in {c.key for c in adapt_foreign_config(original)}
+
+
+def test_train_net_logs_the_adaptation_after_logging_starts_and_data_as_written_turns_it_off(
+    tiny_dataset, tmp_path, monkeypatch
+):
+    from detectron2.data import DatasetMapper
+    from detectron2.utils.registry import locate
+
+    from smca_d2.data import RobustDatasetMapper
+
+    train_net = load_script("train_net.py")
+    monkeypatch.setattr(train_net, "do_train", lambda args, cfg: None)  # only the setup is tested
+    for flags in ([], ["--data-as-written"]):
+        out = str(tmp_path / ("as_written" if flags else "adapted"))
+        run_main("--config-file", model_zoo.get_config_file(RETINANET), *flags,
+                 *tiny_overrides(tiny_dataset, out, "model.num_classes"), train_net=train_net)
+        log = open(os.path.join(out, "log.txt")).read()  # the file of train_net.py's logger
+        saved = LazyConfig.load(os.path.join(out, "config.yaml"))  # what ran
+        assert "The config was adapted to train_net.py" in log
+        assert "train.strict_load=False (added)" in log
+        replaced = "dataloader.train.mapper._target_: detectron2.data.dataset_mapper.DatasetMapper -> " \
+                   "smca_d2.data.mapper.RobustDatasetMapper"
+        assert (replaced in log) == (not flags)
+        assert locate(saved.dataloader.train.mapper._target_) is (DatasetMapper if flags else RobustDatasetMapper)
 
 
 def test_check_num_classes_names_the_key_where_the_model_keeps_it():

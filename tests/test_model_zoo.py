@@ -7,6 +7,8 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
+from detectron2.config import LazyConfig
+
 from conftest import REPO
 from smca_d2 import model_zoo
 from smca_d2.checkpoint import CheckpointUnavailableError, SafeCheckpointer
@@ -24,6 +26,16 @@ def test_every_shipped_config_is_listed():
             shipped |= {os.path.normpath(os.path.join(rel, f)) for f in files if f.endswith(".py")}
     assert set(model_zoo.available_configs()) == shipped
     assert "smca_single_scale_r50_50ep.py" in shipped and DEMO in shipped
+
+
+def test_shipped_configs_are_loaded_as_written():
+    """Our configs name the functions that run and declare every train option: loading them as
+    train_net.py does changes nothing."""
+    for name in model_zoo.available_configs() + ["common/r18_synthetic.py"]:
+        path = os.path.join(REPO, "configs", name)
+        cfg, changes = load_config(path, return_changes=True)
+        assert changes == [], name
+        assert cfg == LazyConfig.load(path), name
 
 
 @pytest.mark.parametrize("name", ["smca_multi_scale_r50_50ep.py", "smca_multi_scale_r50_50ep", "configs/smca_multi_scale_r50_50ep.py"])

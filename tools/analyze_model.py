@@ -25,20 +25,16 @@ import time
 from collections import Counter
 from typing import Dict, List
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+import torch
+from torch import nn
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import smca_d2  # noqa: F401  (compatibility fixes, registrations)
+from detectron2.config import instantiate
+from fvcore.nn import flop_count_table, parameter_count, parameter_count_table
+from fvcore.nn.jit_handles import get_shape
 
-import smca_d2  # noqa: E402,F401  (compatibility fixes, registrations)
-from detectron2.config import instantiate  # noqa: E402
-from fvcore.nn import flop_count_table, parameter_count, parameter_count_table  # noqa: E402
-from fvcore.nn.jit_handles import get_shape  # noqa: E402
-
-from smca_d2.compat import flop_count_analysis  # noqa: E402
-from smca_d2.inference import load_config  # noqa: E402
+from smca_d2.compat import flop_count_analysis
+from smca_d2.engine import load_config
 
 # Elementwise / reduction / indexing ops: not counted, by the usual convention (as in detectron2).
 ELEMENTWISE_OPS = {

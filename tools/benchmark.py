@@ -13,23 +13,18 @@ import argparse
 import itertools
 import os
 import platform
-import sys
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+import torch
 
-import torch  # noqa: E402
+import smca_d2  # noqa: F401
+from detectron2.config import instantiate
 
-import smca_d2  # noqa: E402,F401
-from detectron2.config import instantiate  # noqa: E402
-
-from smca_d2.checkpoint import SafeCheckpointer  # noqa: E402
-from smca_d2.benchmarking import write_json  # noqa: E402
-from smca_d2.engine import load_config, use_ema_weights  # noqa: E402
-from smca_d2.speedups import apply_speedups  # noqa: E402
-from smca_d2.speedups.memory import keeps_freed_cpu_memory  # noqa: E402
+from smca_d2.checkpoint import SafeCheckpointer
+from smca_d2.benchmarking import write_json
+from smca_d2.engine import load_config, use_ema_weights
+from smca_d2.speedups import apply_speedups
+from smca_d2.speedups.memory import keeps_freed_cpu_memory
 
 
 def _sync(device):

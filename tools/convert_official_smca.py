@@ -18,15 +18,11 @@ import argparse
 import os
 import sys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+import torch
 
-import torch  # noqa: E402
-
-import smca_d2  # noqa: E402,F401  (detectron2 compatibility fixes)
-from smca_d2.model_zoo import resolve_config_file  # noqa: E402
-from smca_d2.checkpoint import (  # noqa: E402
+import smca_d2  # noqa: F401  (detectron2 compatibility fixes)
+from smca_d2.model_zoo import resolve_config_file
+from smca_d2.checkpoint import (
     UnsafeCheckpointError,
     check_complete,
     convert_official_state_dict,
@@ -34,7 +30,7 @@ from smca_d2.checkpoint import (  # noqa: E402
 )
 
 AUTHOR = "smca_d2 convert_official_smca"
-DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "smca_single_scale_r50_50ep.py")
+DEFAULT_CONFIG = "smca_single_scale_r50_50ep.py"  # a name of smca_d2.model_zoo
 
 
 def build_model(config_path: str, num_classes: int):

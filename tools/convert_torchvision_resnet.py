@@ -17,15 +17,11 @@ import os
 import pickle
 import sys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+import torch
 
-import torch  # noqa: E402
-
-import smca_d2  # noqa: E402,F401  (detectron2 compatibility fixes)
-from smca_d2.model_zoo import resolve_config_file  # noqa: E402
-from smca_d2.checkpoint.torchvision_resnet import (  # noqa: E402
+import smca_d2  # noqa: F401  (detectron2 compatibility fixes)
+from smca_d2.model_zoo import resolve_config_file
+from smca_d2.checkpoint.torchvision_resnet import (
     convert_torchvision_resnet,
     load_torchvision_state_dict,
 )

@@ -28,4 +28,7 @@ train = dict(
         keep_freed_cpu_memory=True,
     ),
     seed=-1,
+    # Loading train.init_checkpoint (or --eval-only weights): True refuses a checkpoint whose
+    # tensors do not all fit the model; False loads what fits and lists the rest.
+    strict_load=False,
 )

@@ -12,8 +12,6 @@
 # * the backbone in channels-last memory format (faster convolutions on the CPU);
 # * batches of images of one size (rounded up to 16 px): the flips keep image sizes, so a batch
 #   is padded much less than with the aspect-ratio grouping.
-from smca_d2.engine.resumable import build_resumable_train_loader
-
 from ..common.r18_synthetic import dataloader, model, optimizer, train
 from ..common.schedule import step_schedule
 
@@ -24,7 +22,6 @@ model.transformer.decoder.dropout = 0.0
 train.speedups.channels_last = True
 model.size_divisibility = 16
 
-dataloader.train._target_ = build_resumable_train_loader
 dataloader.train.size_grouping = 16
 
 optimizer.lr = 4e-4

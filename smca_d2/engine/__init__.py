@@ -2,32 +2,33 @@
 from .amp import AMPTrainer, amp_dtype
 from .checks import check_device, check_num_classes
 from .config import (
+    ConfigChange,
     UnknownConfigKeyError,
+    adapt_foreign_config,
     check_config_datasets,
     check_override_keys,
+    describe_config_changes,
     load_config,
-    prepare_config,
 )
 from .ema import EMAHook, ModelEMA, use_ema_weights
 from .hooks import DeterministicSteps, NonFiniteLossCheck, NonFiniteLossError
-from .resumable import ResumableTrainLoader, build_resumable_train_loader
 
 __all__ = [
     "AMPTrainer",
+    "ConfigChange",
     "DeterministicSteps",
     "EMAHook",
     "ModelEMA",
     "NonFiniteLossCheck",
     "NonFiniteLossError",
-    "ResumableTrainLoader",
     "UnknownConfigKeyError",
+    "adapt_foreign_config",
     "amp_dtype",
-    "build_resumable_train_loader",
     "check_config_datasets",
     "check_device",
     "check_num_classes",
     "check_override_keys",
+    "describe_config_changes",
     "load_config",
-    "prepare_config",
     "use_ema_weights",
 ]

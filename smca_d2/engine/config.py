@@ -1,19 +1,25 @@
-"""Loading a LazyConfig for train_net.py: the reliability pieces put in place, overrides checked.
+"""Loading a LazyConfig for train_net.py: overrides checked, a detectron2 config adapted visibly.
 
-* :func:`prepare_config` replaces detectron2's dataset, mapper and training-loader functions by
-  the validating / resumable ones of smca_d2 (same arguments), so that every config gets them,
-  and adds the ``train`` options of train_net.py that a config lacks (detectron2's own
-  ``configs/common/train.py`` has none of them) with their defaults;
+* :func:`load_config` is ``LazyConfig.load`` + :func:`adapt_foreign_config` + checked
+  ``LazyConfig.apply_overrides``. The configs under ``configs/`` name the functions that run and
+  declare every ``train`` option train_net.py reads, so for them it changes nothing;
+* :func:`adapt_foreign_config` makes a config written for detectron2 (a model-zoo file) run under
+  train_net.py: it adds the ``train`` options that detectron2's ``configs/common/train.py`` lacks
+  (:data:`TRAIN_DEFAULTS`) and, unless told not to (``train_net.py --data-as-written``), names
+  smca_d2's drop-ins instead of detectron2's data functions (:data:`DATA_REPLACEMENTS`). It
+  returns what it changed, which train_net.py logs once logging is set up;
 * :func:`check_override_keys` refuses ``key=value`` overrides whose key is not in the config
   (``LazyConfig.apply_overrides`` would silently add it, and the typo would go unnoticed),
   listing close matches. A key may be a parameter that a ``LazyCall`` leaves at its default
   (e.g. ``dataloader.train.aspect_ratio_grouping``); ``+key=value`` adds a new key on purpose;
 * :func:`check_config_datasets` fails before any work if a dataset's files are missing.
 """
+import copy
 import difflib
 import inspect
 import logging
-from typing import Iterable, List, Optional, Sequence, Set
+import os
+from typing import Any, Iterable, List, NamedTuple, Optional, Sequence, Set
 
 from omegaconf import DictConfig, ListConfig
 
@@ -22,20 +28,35 @@ from detectron2.config import LazyConfig
 from smca_d2.speedups import DEFAULT_SPEEDUPS
 
 __all__ = [
+    "DATA_REPLACEMENTS",
     "TRAIN_DEFAULTS",
+    "ConfigChange",
     "UnknownConfigKeyError",
+    "adapt_foreign_config",
     "check_config_datasets",
     "check_override_keys",
     "config_dataset_names",
+    "describe_config_changes",
     "load_config",
-    "prepare_config",
 ]
 
 logger = logging.getLogger(__name__)
 
-_VALIDATED_DATASET = "smca_d2.data.validation.validated_dataset_dicts"
-_ROBUST_MAPPER = "smca_d2.data.validation.RobustDatasetMapper"
-_RESUMABLE_LOADER = "smca_d2.engine.resumable.build_resumable_train_loader"
+#: detectron2's data functions and smca_d2's drop-ins for them (same arguments, plus options of
+#: their own), by import path. A foreign config's ``dataloader.{train,test}.dataset``,
+#: ``.mapper`` and ``dataloader.train`` that name the first get the second.
+DATA_REPLACEMENTS = {
+    "detectron2.data.build.get_detection_dataset_dicts": "smca_d2.data.dataset_dicts.validated_dataset_dicts",
+    "detectron2.data.dataset_mapper.DatasetMapper": "smca_d2.data.mapper.RobustDatasetMapper",
+    "detectron2.data.build.build_detection_train_loader": "smca_d2.data.resumable_loader.build_resumable_train_loader",
+}
+_DATA_NODES = (
+    "dataloader.train.dataset",
+    "dataloader.test.dataset",
+    "dataloader.train.mapper",
+    "dataloader.test.mapper",
+    "dataloader.train",
+)
 
 # The options of configs/common/train.py that detectron2's configs/common/train.py does not have,
 # with the values given there (-1: a random seed, what detectron2's default_setup does without one).
@@ -52,6 +73,30 @@ class UnknownConfigKeyError(ValueError):
     """An override names a key that the config does not have."""
 
 
+class ConfigChange(NamedTuple):
+    """One change :func:`adapt_foreign_config` made: ``key`` was ``old`` (None: absent), is ``new``."""
+
+    key: str
+    old: Any
+    new: Any
+
+    def __str__(self):
+        if self.old is None:
+            return f"{self.key}={self.new!r} (added)"
+        return f"{self.key}: {self.old} -> {self.new}"
+
+
+def describe_config_changes(changes: Sequence[ConfigChange]) -> str:
+    """The log message for what :func:`adapt_foreign_config` changed ("" for nothing)."""
+    if not changes:
+        return ""
+    lines = "\n".join(f"  {c}" for c in changes)
+    note = ""
+    if any(c.key.endswith("._target_") for c in changes):
+        note = " (train_net.py --data-as-written keeps detectron2's data functions)"
+    return f"The config was adapted to train_net.py{note}:\n{lines}"
+
+
 def _locate(target):
     if isinstance(target, str):
         from detectron2.utils.registry import locate
@@ -63,6 +108,12 @@ def _locate(target):
     return target
 
 
+def _target_name(target) -> str:
+    if isinstance(target, str):
+        return target
+    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', repr(target))}"
+
+
 def _node(cfg, path: str):
     node = cfg
     for part in path.split("."):
@@ -72,70 +123,53 @@ def _node(cfg, path: str):
     return node if isinstance(node, DictConfig) else None
 
 
-def prepare_config(cfg) -> List[str]:
-    """Use smca_d2's reliable replacements of detectron2's data functions in ``cfg``, in place.
+def adapt_foreign_config(cfg, *, replace_data_functions: bool = True) -> List[ConfigChange]:
+    """Make a config written for detectron2 run under train_net.py, in place; say what changed.
 
-    ========================================================  =============================================
-    detectron2 (as ``_target_``)                              replaced by
-    ========================================================  =============================================
-    ``get_detection_dataset_dicts`` (train and test)          :func:`smca_d2.data.validation.validated_dataset_dicts`
-    ``DatasetMapper`` (train and test)                        :class:`smca_d2.data.validation.RobustDatasetMapper`
-    ``build_detection_train_loader`` (without a ``sampler``)  :func:`smca_d2.engine.resumable.build_resumable_train_loader`
-    ========================================================  =============================================
+    * The options of :data:`TRAIN_DEFAULTS` that ``train`` lacks are added with their defaults
+      (``train.seed=-1``, ``train.strict_load=False``, ...), so that they can be overridden
+      without ``+`` and the saved config.yaml shows them.
+    * With ``replace_data_functions``, each ``_target_`` of ``dataloader.{train,test}.dataset``,
+      ``dataloader.{train,test}.mapper`` and ``dataloader.train`` that is a key of
+      :data:`DATA_REPLACEMENTS` becomes its value: data validated before training, unreadable
+      images skipped, and a ``--resume`` that continues the data stream. A training loader
+      given its own ``sampler`` is kept (the resumable loader has its own sampling).
 
-    The replacements take the same arguments, plus options of their own that can then be
-    overridden (``dataloader.train.dataset.verify_images=True``). Targets that are anything else
-    are left alone. Also adds the options of :data:`TRAIN_DEFAULTS` that ``train`` lacks
-    (``train.seed=-1``, ``train.strict_load=False``, ...), so that a detectron2 config runs as it
-    is, these options can be overridden without ``+`` and the saved config.yaml shows them.
+    A config that already names what runs and declares these options (those under ``configs/``)
+    is left as it is.
 
     Returns:
-        the paths of the replaced nodes.
+        the changes, in the order made (empty: ``cfg`` is untouched).
     """
-    from detectron2.data import DatasetMapper, build_detection_train_loader, get_detection_dataset_dicts
-
-    swaps = {
-        get_detection_dataset_dicts: _VALIDATED_DATASET,
-        DatasetMapper: _ROBUST_MAPPER,
-        build_detection_train_loader: _RESUMABLE_LOADER,
-    }
-    replaced = []
-    for path in (
-        "dataloader.train.dataset",
-        "dataloader.test.dataset",
-        "dataloader.train.mapper",
-        "dataloader.test.mapper",
-        "dataloader.train",
-    ):
-        node = _node(cfg, path)
-        if node is None or "_target_" not in node:
-            continue
-        target = _locate(node._get_node("_target_")._value())
-        new = next((v for k, v in swaps.items() if target is k), None)
-        if new is None:
-            continue
-        if new == _RESUMABLE_LOADER and node.get("sampler", None) is not None:
-            logger.warning(
-                f"{path} has its own sampler: detectron2's loader is kept, and a resumed run restarts "
-                "its data stream (the batches after --resume differ from an uninterrupted run)."
-            )
-            continue
-        node._target_ = new
-        replaced.append(path)
-    if replaced:
-        logger.info(f"Using smca_d2's validating / resumable data pipeline for {', '.join(replaced)}.")
+    changes = []
+    if replace_data_functions:
+        replacements = {_locate(old): new for old, new in DATA_REPLACEMENTS.items()}
+        replacements.pop(None, None)  # a detectron2 without one of them
+        for path in _DATA_NODES:
+            node = _node(cfg, path)
+            if node is None or "_target_" not in node:
+                continue
+            old = node._get_node("_target_")._value()
+            new = replacements.get(_locate(old))
+            if new is None or (path == "dataloader.train" and node.get("sampler", None) is not None):
+                continue
+            node._target_ = new
+            changes.append(ConfigChange(f"{path}._target_", _target_name(old), new))
     train = _node(cfg, "train")
     if train is not None:
-        _add_missing(train, TRAIN_DEFAULTS)
-    return replaced
+        changes += _add_missing(train, TRAIN_DEFAULTS, "train")
+    return changes
 
 
-def _add_missing(node: DictConfig, defaults: dict) -> None:
+def _add_missing(node: DictConfig, defaults: dict, prefix: str) -> List[ConfigChange]:
+    added = []
     for key, value in defaults.items():
         if key not in node:
             node[key] = value
+            added.append(ConfigChange(f"{prefix}.{key}", None, value))
         elif isinstance(value, dict) and isinstance(node._get_node(key), DictConfig):
-            _add_missing(node._get_node(key), value)
+            added += _add_missing(node._get_node(key), value, f"{prefix}.{key}")
+    return added
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,18 +265,42 @@ def check_override_keys(cfg, overrides: Sequence[str]) -> None:
         )
 
 
-def load_config(config_file: str, overrides: Sequence[str] = ()):
-    """``LazyConfig.load`` + :func:`prepare_config` + checked ``LazyConfig.apply_overrides``.
+def load_config(
+    cfg_or_path,
+    overrides: Sequence[str] = (),
+    *,
+    replace_data_functions: bool = True,
+    return_changes: bool = False,
+):
+    """A config as train_net.py runs it: loaded, adapted if written for detectron2, overridden.
 
-    ``config_file`` is a path, or the name of a shipped config (``smca_single_scale_r50_50ep.py``,
-    see :mod:`smca_d2.model_zoo`).
+    ``LazyConfig.load`` + :func:`adapt_foreign_config` + ``LazyConfig.apply_overrides`` of
+    ``overrides`` (``key=value`` strings, as on train_net.py's command line), whose keys are
+    checked first (:func:`check_override_keys`).
+
+    Args:
+        cfg_or_path: a path, the name of a shipped config (``smca_single_scale_r50_50ep.py``, see
+            :mod:`smca_d2.model_zoo`), or a loaded config (deep-copied, not changed).
+        replace_data_functions: see :func:`adapt_foreign_config`.
+        return_changes: return ``(cfg, changes)`` for the caller to log once its logging is set
+            up (train_net.py); otherwise the changes are logged here.
     """
-    from smca_d2.model_zoo import resolve_config_file
+    overrides = list(overrides or ())
+    if isinstance(cfg_or_path, (str, os.PathLike)):
+        from smca_d2.model_zoo import resolve_config_file
 
-    cfg = LazyConfig.load(resolve_config_file(config_file))
-    prepare_config(cfg)
+        cfg = LazyConfig.load(resolve_config_file(os.fspath(cfg_or_path)))
+    else:
+        cfg = copy.deepcopy(cfg_or_path)
+    changes = adapt_foreign_config(cfg, replace_data_functions=replace_data_functions)
     check_override_keys(cfg, overrides)
-    return LazyConfig.apply_overrides(cfg, list(overrides))
+    if overrides:
+        cfg = LazyConfig.apply_overrides(cfg, overrides)
+    if return_changes:
+        return cfg, changes
+    if changes:
+        logger.info(describe_config_changes(changes))
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +320,7 @@ def config_dataset_names(cfg, splits=("train", "test")) -> List[str]:
 
 def check_config_datasets(cfg, splits=("train", "test")) -> None:
     """The datasets of ``cfg`` are registered and their files exist (see
-    :func:`smca_d2.data.validation.check_dataset_files`)."""
-    from smca_d2.data.validation import check_dataset_files
+    :func:`smca_d2.data.check_dataset_files`)."""
+    from smca_d2.data import check_dataset_files
 
     check_dataset_files(config_dataset_names(cfg, splits))

@@ -11,7 +11,7 @@ import torch
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 
-from .resumable import sample_seed
+from smca_d2.data.resumable_loader import sample_seed
 
 __all__ = ["DeterministicSteps", "NonFiniteLossCheck", "NonFiniteLossError"]
 
@@ -78,7 +78,7 @@ class NonFiniteLossCheck(HookBase):
 class DeterministicSteps(HookBase):
     """Make iteration ``i`` compute the same thing whether or not training was interrupted before it.
 
-    * ``before_train``: tells a :class:`~smca_d2.engine.resumable.ResumableTrainLoader` to start
+    * ``before_train``: tells a :class:`~smca_d2.data.ResumableTrainLoader` to start
       its stream at the trainer's start iteration (so a resumed run sees the batches an
       uninterrupted run sees);
     * ``before_step``: seeds python, numpy and torch (CPU and CUDA) random numbers from

@@ -13,7 +13,6 @@ Loading weights for inference also checks that the checkpoint holds weights for 
 when parts of the model keep their random initialisation, e.g. with a backbone-only
 (ImageNet-pretrained) checkpoint.
 """
-import copy
 import json
 import logging
 import os
@@ -23,15 +22,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from detectron2.config import LazyConfig, instantiate
+from detectron2.config import instantiate
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.catalog import Metadata
 from detectron2.structures import Instances
 
 from smca_d2.checkpoint import SafeCheckpointer
-from smca_d2.engine.config import check_override_keys
-from smca_d2.engine.config import load_config as load_checked_config
+from smca_d2.engine.config import load_config
 from smca_d2.engine.ema import use_ema_weights
 from smca_d2.speedups import apply_speedups
 
@@ -39,7 +37,6 @@ __all__ = [
     "LazyPredictor",
     "build_test_augmentations",
     "dataset_class_names",
-    "load_config",
     "load_inference_weights",
     "missing_weight_parts",
     "untrained_keys",
@@ -50,21 +47,6 @@ logger = logging.getLogger(__name__)
 
 IMAGE_FORMATS = ("RGB", "BGR")
 
-
-def load_config(cfg_or_path: Union[str, os.PathLike, DictConfig], overrides: Optional[List[str]] = None):
-    """A LazyConfig from a path (loaded as train_net.py does) or a config object (deep-copied),
-    with overrides applied; override keys that are not in the config are refused.
-
-    Args:
-        cfg_or_path: path of a LazyConfig ``.py``/``.yaml`` file, or a loaded config.
-        overrides: ``key=value`` strings, as on the command line of ``train_net.py``.
-    """
-    overrides = list(overrides or ())
-    if isinstance(cfg_or_path, (str, os.PathLike)):
-        return load_checked_config(os.fspath(cfg_or_path), overrides)
-    cfg = copy.deepcopy(cfg_or_path)
-    check_override_keys(cfg, overrides)
-    return LazyConfig.apply_overrides(cfg, overrides) if overrides else cfg
 
 def _select(cfg, dotted: str, default=None):
     node = cfg

@@ -6,7 +6,7 @@ import itertools
 import numpy as np
 import pytest
 
-from smca_d2.engine.resumable import ResumableTrainLoader
+from smca_d2.data import ResumableTrainLoader
 
 
 def dicts(n=200, seed=0):

@@ -8,7 +8,7 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import instantiate
 
-from smca_d2.inference import load_config
+from smca_d2.engine import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 R18_CONFIG = os.path.join(REPO, "configs", "common", "r18_synthetic.py")

@@ -11,20 +11,22 @@ from PIL import Image
 from detectron2.structures import BoxMode
 
 from reliability_helpers import register, simple_image, unique_name, write_coco
-from smca_d2.data.validation import (
+from smca_d2.data import (
     DatasetNotFoundError,
     DatasetValidationError,
+    ResumableTrainLoader,
     RobustDatasetMapper,
     check_dataset_files,
-    image_size,
     read_image,
     validated_dataset_dicts,
 )
+from smca_d2.data.annotations import sanitize_annotations
+from smca_d2.data.images import image_size
 
 
 @pytest.fixture
 def caplog_validation(caplog):
-    caplog.set_level(logging.INFO, logger="smca_d2.data.validation")
+    caplog.set_level(logging.INFO, logger="smca_d2.data")
     return caplog
 
 
@@ -70,8 +72,6 @@ def test_bad_boxes_are_clipped_or_dropped_with_counts(tmp_path, caplog_validatio
 
 
 def test_xyxy_boxes_of_custom_loaders_are_clipped_in_their_mode():
-    from smca_d2.data.validation import sanitize_annotations
-
     record = {"file_name": "x.png", "height": 10, "width": 10, "image_id": 1, "annotations": [
         {"bbox": [-1, 2, 12, 8], "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0},
         {"bbox": [3, 3, 3, 8], "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0},  # x1 == x0
@@ -82,8 +82,6 @@ def test_xyxy_boxes_of_custom_loaders_are_clipped_in_their_mode():
 
 
 def test_category_out_of_range_in_custom_loader_is_refused():
-    from smca_d2.data.validation import sanitize_annotations
-
     record = {"file_name": "x.png", "height": 10, "width": 10, "image_id": 1,
               "annotations": [{"bbox": [1, 1, 2, 2], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 3}]}
     with pytest.raises(DatasetValidationError, match=r"x.png: category_id 3 is not in \[0, 2\)"):
@@ -295,8 +293,6 @@ def test_all_odd_modes_train_through_the_mapper(tmp_path):
 
 
 def test_mapper_skips_an_image_that_disappears_during_training(tmp_path, caplog):
-    from smca_d2.engine.resumable import ResumableTrainLoader
-
     images = [simple_image(i) for i in range(1, 5)]
     name, _, image_dir = dataset(tmp_path, images, [box(i, [5, 5, 20, 10]) for i in range(1, 5)])
     dicts = validated_dataset_dicts(name)

@@ -10,13 +10,12 @@ from detectron2.config import LazyConfig, instantiate
 
 from reliability_helpers import register, simple_image, write_coco
 from smca_d2.checkpoint import CheckpointMismatchError, SafeCheckpointer
-from smca_d2.data.validation import DatasetNotFoundError
+from smca_d2.data import DatasetNotFoundError
 from smca_d2.engine import (
     UnknownConfigKeyError,
     check_config_datasets,
     check_num_classes,
     load_config,
-    prepare_config,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -64,21 +63,10 @@ def test_unknown_parameter_of_a_lazy_call_is_refused():
         load_config(DEMO, ["dataloader.train.aspect_ratio_groupin=False"])
 
 
-def test_prepare_config_replaces_detectron2_data_functions():
-    cfg = LazyConfig.load(R18_BASE)  # detectron2's dataset, mapper and loader functions
-    replaced = prepare_config(cfg)
-    assert set(replaced) == {
-        "dataloader.train", "dataloader.train.dataset", "dataloader.test.dataset",
-        "dataloader.train.mapper", "dataloader.test.mapper",
-    }
-    assert cfg.dataloader.train._target_ == "smca_d2.engine.resumable.build_resumable_train_loader"
-    assert cfg.train.strict_load is False
-    assert prepare_config(cfg) == []  # idempotent
-    # The demo names smca_d2's loader itself (for its size_grouping): kept, the rest replaced.
-    from smca_d2.engine.resumable import build_resumable_train_loader
+def test_the_demo_names_the_loader_whose_options_it_sets():
+    from smca_d2.data import build_resumable_train_loader
 
     demo = LazyConfig.load(DEMO)
-    assert "dataloader.train" not in prepare_config(demo)
     assert demo.dataloader.train._target_ is build_resumable_train_loader
     assert demo.dataloader.train.size_grouping == 16
 

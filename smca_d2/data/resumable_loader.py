@@ -138,9 +138,8 @@ class ResumableTrainLoader:
         aspect_ratio_grouping: batch landscape and portrait images separately, as detectron2 does.
         size_grouping: instead, batch images whose (height, width), rounded up to a multiple of
             this, are the same: a batch is padded to its largest image, so this pads much less
-            when the augmentations keep each image's size (the demo: flips only on images of
-            96..160 px; 1.12x the pixels of the images themselves with 16, against 1.53x with
-            the aspect-ratio grouping). Useless with random resizes (DETR's COCO recipe).
+            when the augmentations keep each image's size (the demo: flips only, on images of
+            96..160 px). Useless with random resizes (DETR's COCO recipe).
         num_workers: data-loading processes (the batches do not depend on it).
         collate_fn: applied to each list of mapped dicts (default: none).
         seed: of the shuffles and augmentations; None: a random seed shared by all processes.
