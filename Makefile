@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV_PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast lint clean
 
 install:
 	@PYTHON=$(PYTHON) bash scripts/bootstrap.sh
@@ -15,9 +15,14 @@ demo: install
 	$(VENV_PY) datasets/prepare_synthetic.py
 	$(VENV_PY) train_net.py --config-file configs/demo/smca_r18_synthetic.py --num-gpus 1
 
-# Every test, the small end-to-end runs (marked `slow`) included.
-test: install
+# Lint and formatting (ruff, configured in pyproject.toml), then every test, the small
+# end-to-end runs (marked `slow`) included.
+test: install lint
 	$(VENV_PY) -m pytest tests $(PYTEST_ARGS)
+
+lint: install
+	$(VENV_PY) -m ruff check .
+	$(VENV_PY) -m ruff format --check .
 
 # Unit tests only.
 test-fast: install

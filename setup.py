@@ -5,6 +5,7 @@ detectron2 is not on PyPI under its own name, so it is not a requirement here: i
 (docs/INSTALL.md). The shipped configs (``configs/``) become package data of
 ``smca_d2.model_zoo``, as detectron2 does with its model zoo.
 """
+
 import os
 import re
 import shutil
@@ -70,7 +71,7 @@ setup(
         "plots": ["matplotlib"],
         "export": ["onnx", "onnxscript", "onnxruntime"],
         "test": ["pytest>=7", "hypothesis>=6", "matplotlib"],
-        "dev": ["pytest>=7", "hypothesis>=6", "matplotlib", "ruff"],
+        "dev": ["pytest>=7", "hypothesis>=6", "matplotlib", "ruff>=0.6"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

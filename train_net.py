@@ -25,6 +25,7 @@ with ``train.ema.enabled=True`` a moving average of the weights is kept, evaluat
 training stops at a non-finite loss; ``--resume`` continues exactly where the last complete
 checkpoint left off. See "What happens when" in README.md.
 """
+
 import contextlib
 import logging
 import sys
@@ -32,18 +33,8 @@ import sys
 import torch
 
 import smca_d2  # noqa: F401  (compatibility fixes, registrations)
-from detectron2.config import instantiate
-from detectron2.engine import SimpleTrainer, default_argument_parser, default_setup
-from detectron2.engine import default_writers, hooks
-from detectron2.evaluation import inference_on_dataset, print_csv_format
-from detectron2.utils import comm
-from detectron2.utils.logger import setup_logger
-
 from smca_d2.checkpoint import EMA_KEY, CheckpointUnavailableError, SafeCheckpointer
 from smca_d2.compat import create_ddp_model, launch
-from smca_d2.inference import untrained_keys, warn_if_untrained
-from smca_d2.model_zoo import ConfigNotFoundError
-from smca_d2.speedups import apply_speedups
 from smca_d2.engine import (
     AMPTrainer,
     DeterministicSteps,
@@ -58,6 +49,15 @@ from smca_d2.engine import (
     load_config,
     use_ema_weights,
 )
+from smca_d2.inference import untrained_keys, warn_if_untrained
+from smca_d2.model_zoo import ConfigNotFoundError
+from smca_d2.speedups import apply_speedups
+
+from detectron2.config import instantiate
+from detectron2.engine import SimpleTrainer, default_argument_parser, default_setup, default_writers, hooks
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 logger = logging.getLogger("smca_d2")
 
@@ -117,9 +117,7 @@ def do_train(args, cfg):
             NonFiniteLossCheck(checkpointer),
             hooks.LRScheduler(scheduler=instantiate(cfg.lr_multiplier)),
             EMAHook(ema) if ema is not None else None,  # before the checkpointer and the evaluation
-            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer)
-            if comm.is_main_process()
-            else None,
+            hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
             hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model, test_loader, ema)),
             hooks.PeriodicWriter(
                 default_writers(cfg.train.output_dir, cfg.train.max_iter),

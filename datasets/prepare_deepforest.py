@@ -9,6 +9,7 @@ Usage (from the repository root)::
     python datasets/prepare_deepforest.py                  # -> $DETECTRON2_DATASETS/deepforest
     python datasets/prepare_deepforest.py --wheel /tmp/wheels --tile-size 320
 """
+
 import argparse
 import json
 import os
@@ -24,19 +25,28 @@ def default_output() -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--output", default=default_output(), help="dataset root (default: %(default)s)")
-    add("--wheel", default=None,
+    add(
+        "--wheel",
+        default=None,
         help="deepforest-2.1.0-*.whl, or a directory with it (downloaded there if missing); "
-        "default: download to a temporary directory")
+        "default: download to a temporary directory",
+    )
     add("--tile-size", type=int, default=400, help="training tile side (default: %(default)s)")
-    add("--overlap", type=float, default=0.25,
-        help="minimum tile overlap, as a fraction of the tile (default: %(default)s)")
-    add("--min-visible", type=float, default=0.5,
-        help="keep a box cut by a tile border if this fraction of it is inside (default: %(default)s)")
+    add(
+        "--overlap",
+        type=float,
+        default=0.25,
+        help="minimum tile overlap, as a fraction of the tile (default: %(default)s)",
+    )
+    add(
+        "--min-visible",
+        type=float,
+        default=0.5,
+        help="keep a box cut by a tile border if this fraction of it is inside (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
 
     start = time.perf_counter()

@@ -6,6 +6,7 @@ Usage (from the repository root)::
     python datasets/prepare_synthetic.py                   # -> $DETECTRON2_DATASETS/synthetic
     python datasets/prepare_synthetic.py --num-train 800 --seed 1 --output /tmp/shapes
 """
+
 import argparse
 import json
 import os
@@ -20,17 +21,25 @@ def default_output() -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
     add("--output", default=default_output(), help="dataset root (default: %(default)s)")
     add("--num-train", type=int, default=4000, help="training images (default: %(default)s)")
     add("--num-val", type=int, default=100, help="validation images (default: %(default)s)")
-    add("--image-size", type=int, nargs=2, default=(128, 128), metavar=("H", "W"),
-        help="central image size (default: 128 128)")
-    add("--size-jitter", type=int, default=32,
-        help="each side varies by up to +-this many pixels (default: %(default)s)")
+    add(
+        "--image-size",
+        type=int,
+        nargs=2,
+        default=(128, 128),
+        metavar=("H", "W"),
+        help="central image size (default: 128 128)",
+    )
+    add(
+        "--size-jitter",
+        type=int,
+        default=32,
+        help="each side varies by up to +-this many pixels (default: %(default)s)",
+    )
     add("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     args = parser.parse_args(argv)
 

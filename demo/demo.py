@@ -11,6 +11,7 @@ names) and a JSON of the detections above ``--confidence-threshold``: ``boxes`` 
 ``scores``, ``classes``, ``class_names``. ``--output`` is a folder, or a file name for a single
 input or a video. The checkpoint is ``train.init_checkpoint`` (set it with ``--opts``).
 """
+
 import argparse
 import json
 import os
@@ -21,12 +22,8 @@ import cv2
 import tqdm
 
 import smca_d2  # noqa: F401  (compatibility fixes, registrations)
-from detectron2.data.detection_utils import read_image
-from detectron2.utils.logger import setup_logger
-
 from smca_d2.checkpoint import CheckpointUnavailableError
 from smca_d2.inference import LazyPredictor
-from smca_d2.model_zoo import ConfigNotFoundError
 from smca_d2.inference.demo import (
     collect_inputs,
     instances_to_json,
@@ -34,6 +31,10 @@ from smca_d2.inference.demo import (
     run_on_image,
     run_on_video,
 )
+from smca_d2.model_zoo import ConfigNotFoundError
+
+from detectron2.data.detection_utils import read_image
+from detectron2.utils.logger import setup_logger
 
 
 def get_parser():

@@ -14,6 +14,7 @@ page is what this script writes.
     python docs/generate_benchmark_tables.py           # rewrite docs/BENCHMARKS.md
     python docs/generate_benchmark_tables.py --check   # exit 1 if it is not up to date
 """
+
 import argparse
 import json
 import os
@@ -23,8 +24,11 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BASELINE = "detr_baseline"  # as in benchmarks/convergence.py
-MODEL_NAMES = {"smca_single_scale": "SMCA single-scale", "smca_multi_scale": "SMCA multi-scale",
-               "detr_baseline": "DETR baseline"}
+MODEL_NAMES = {
+    "smca_single_scale": "SMCA single-scale",
+    "smca_multi_scale": "SMCA multi-scale",
+    "detr_baseline": "DETR baseline",
+}
 DATASET_NAMES = {"synthetic": "shapes", "deepforest": "trees"}
 
 
@@ -44,8 +48,10 @@ def _size(size) -> str:
 
 def environment_line(env: dict) -> str:
     cpu = env.get("cpu_model") or env.get("processor", "?")
-    return (f"Measured {env['date'][:10]} on `{env['device']}` ({cpu}, {env['cpu_count']} CPUs, "
-            f"{env['threads']} threads), torch {env['torch']}.")
+    return (
+        f"Measured {env['date'][:10]} on `{env['device']}` ({cpu}, {env['cpu_count']} CPUs, "
+        f"{env['threads']} threads), torch {env['torch']}."
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,21 +66,39 @@ def render_convergence(data: dict) -> str:
             compared = model != BASELINE and "iters_to_baseline_final_AP" in m
             ratio, reach = m.get("final_AP_ratio_to_baseline"), m.get("iters_to_baseline_final_AP")
             frac = m.get("fraction_of_baseline_iters")
-            rows.append([
-                DATASET_NAMES.get(dataset, dataset), MODEL_NAMES.get(model, model), str(m["iters"][-1]),
-                f"{m['AP_mean'][-1]:.2f}", f"{m['AP50_final_mean']:.1f}",
-                "-" if not compared else ("n/a" if ratio is None else f"{ratio:.1f}"),
-                "-" if not compared else ("not reached" if reach is None else f"{reach} ({frac:.2f} of the baseline's)"),
-                f"{m['sec_per_iter']:.2f}",
-                ", ".join(str(s) for s in m["seeds"]),
-            ])
-    header = ["dataset", "model", "iterations", "final AP", "final AP50", "x baseline's AP",
-              "iterations to the baseline's final AP", "s/iter", "seeds"]
+            rows.append(
+                [
+                    DATASET_NAMES.get(dataset, dataset),
+                    MODEL_NAMES.get(model, model),
+                    str(m["iters"][-1]),
+                    f"{m['AP_mean'][-1]:.2f}",
+                    f"{m['AP50_final_mean']:.1f}",
+                    "-" if not compared else ("n/a" if ratio is None else f"{ratio:.1f}"),
+                    "-"
+                    if not compared
+                    else ("not reached" if reach is None else f"{reach} ({frac:.2f} of the baseline's)"),
+                    f"{m['sec_per_iter']:.2f}",
+                    ", ".join(str(s) for s in m["seeds"]),
+                ]
+            )
+    header = [
+        "dataset",
+        "model",
+        "iterations",
+        "final AP",
+        "final AP50",
+        "x baseline's AP",
+        "iterations to the baseline's final AP",
+        "s/iter",
+        "seeds",
+    ]
     curves = []
     for dataset, models in data["summary"].items():
         for model, m in models.items():
-            curves.append([DATASET_NAMES.get(dataset, dataset), MODEL_NAMES.get(model, model)]
-                          + [f"{ap:.2f}" for ap in m["AP_mean"]])
+            curves.append(
+                [DATASET_NAMES.get(dataset, dataset), MODEL_NAMES.get(model, model)]
+                + [f"{ap:.2f}" for ap in m["AP_mean"]]
+            )
     iters = next(iter(next(iter(data["summary"].values())).values()))["iters"]
     lines = [environment_line(data["environment"]), ""] + _table(header, rows)
     lines += ["", "AP (mean over seeds) at each evaluation:", ""]
@@ -97,68 +121,127 @@ def _get(row: dict, variant: str, key: str, fmt: str) -> str:
 
 
 def _speed_inference(s: dict) -> List[str]:
-    header = ["size", "ours", "ours, optimized", "ours, glibc malloc", "official", "official, same malloc",
-              "speed-up vs official (ours / optimized)", "vs official, same malloc (ours / optimized)",
-              "both glibc malloc"]
+    header = [
+        "size",
+        "ours",
+        "ours, optimized",
+        "ours, glibc malloc",
+        "official",
+        "official, same malloc",
+        "speed-up vs official (ours / optimized)",
+        "vs official, same malloc (ours / optimized)",
+        "both glibc malloc",
+    ]
     rows, rounds = [], []
     for row in s["inference"]:
-        t = {v: row[v]["s_per_image"] if v in row else None for v in
-             ("ours", "ours_optimized", "ours_default_malloc", "official", "official_same_malloc")}
-        rows.append([
-            _size(row["size"]) + (" AMP" if row["amp"] else ""),
-            _get(row, "ours", "s_per_image", ".3f"), _get(row, "ours_optimized", "s_per_image", ".3f"),
-            _get(row, "ours_default_malloc", "s_per_image", ".3f"), _get(row, "official", "s_per_image", ".3f"),
-            _get(row, "official_same_malloc", "s_per_image", ".3f"),
-            f"{_ratio(t['ours'], t['official'])} / {_ratio(t['ours_optimized'], t['official'])}",
-            f"{_ratio(t['ours'], t['official_same_malloc'])} / {_ratio(t['ours_optimized'], t['official_same_malloc'])}",
-            _ratio(t["ours_default_malloc"], t["official"]),
-        ])
-        for ours, other in (("ours", "official"), ("ours", "official_same_malloc"),
-                            ("ours_optimized", "official"), ("ours_default_malloc", "official")):
+        t = {
+            v: row[v]["s_per_image"] if v in row else None
+            for v in ("ours", "ours_optimized", "ours_default_malloc", "official", "official_same_malloc")
+        }
+        rows.append(
+            [
+                _size(row["size"]) + (" AMP" if row["amp"] else ""),
+                _get(row, "ours", "s_per_image", ".3f"),
+                _get(row, "ours_optimized", "s_per_image", ".3f"),
+                _get(row, "ours_default_malloc", "s_per_image", ".3f"),
+                _get(row, "official", "s_per_image", ".3f"),
+                _get(row, "official_same_malloc", "s_per_image", ".3f"),
+                f"{_ratio(t['ours'], t['official'])} / {_ratio(t['ours_optimized'], t['official'])}",
+                f"{_ratio(t['ours'], t['official_same_malloc'])} / {_ratio(t['ours_optimized'], t['official_same_malloc'])}",
+                _ratio(t["ours_default_malloc"], t["official"]),
+            ]
+        )
+        for ours, other in (
+            ("ours", "official"),
+            ("ours", "official_same_malloc"),
+            ("ours_optimized", "official"),
+            ("ours_default_malloc", "official"),
+        ):
             r = _rounds(row, ours, other, "s_per_image")
             if r:
                 rounds.append([_size(row["size"]), f"{other} / {ours}", r])
-    return ["Inference, seconds per image (median of the rounds):", ""] + _table(header, rows) + [
-        "", "Inference speed-up, round by round:", ""] + _table(["size", "ratio", "rounds"], rounds)
+    return (
+        ["Inference, seconds per image (median of the rounds):", ""]
+        + _table(header, rows)
+        + ["", "Inference speed-up, round by round:", ""]
+        + _table(["size", "ratio", "rounds"], rounds)
+    )
 
 
 def _speed_training(s: dict) -> List[str]:
-    header = ["size, batch", "ours", "ours, channels-last", "ours, torch's dropout masks", "official",
-              "official, same malloc", "speed-up vs official (ours / channels-last / torch's masks)",
-              "vs official, same malloc (ours / channels-last)"]
+    header = [
+        "size, batch",
+        "ours",
+        "ours, channels-last",
+        "ours, torch's dropout masks",
+        "official",
+        "official, same malloc",
+        "speed-up vs official (ours / channels-last / torch's masks)",
+        "vs official, same malloc (ours / channels-last)",
+    ]
     rows, rounds, losses = [], [], []
     for row in s["train"]:
-        t = {v: row[v]["s_per_iter"] if v in row else None for v in
-             ("ours", "ours_channels_last", "ours_torch_dropout", "official", "official_same_malloc")}
+        t = {
+            v: row[v]["s_per_iter"] if v in row else None
+            for v in ("ours", "ours_channels_last", "ours_torch_dropout", "official", "official_same_malloc")
+        }
         name = f"{_size(row['size'])}, {row['batch']}" + (" AMP" if row["amp"] else "")
-        rows.append([
-            name, _get(row, "ours", "s_per_iter", ".2f"), _get(row, "ours_channels_last", "s_per_iter", ".2f"),
-            _get(row, "ours_torch_dropout", "s_per_iter", ".2f"), _get(row, "official", "s_per_iter", ".2f"),
-            _get(row, "official_same_malloc", "s_per_iter", ".2f"),
-            " / ".join(_ratio(t[v], t["official"]) for v in ("ours", "ours_channels_last", "ours_torch_dropout")),
-            " / ".join(_ratio(t[v], t["official_same_malloc"]) for v in ("ours", "ours_channels_last")),
-        ])
+        rows.append(
+            [
+                name,
+                _get(row, "ours", "s_per_iter", ".2f"),
+                _get(row, "ours_channels_last", "s_per_iter", ".2f"),
+                _get(row, "ours_torch_dropout", "s_per_iter", ".2f"),
+                _get(row, "official", "s_per_iter", ".2f"),
+                _get(row, "official_same_malloc", "s_per_iter", ".2f"),
+                " / ".join(_ratio(t[v], t["official"]) for v in ("ours", "ours_channels_last", "ours_torch_dropout")),
+                " / ".join(_ratio(t[v], t["official_same_malloc"]) for v in ("ours", "ours_channels_last")),
+            ]
+        )
         for ours in ("ours", "ours_channels_last"):
             for other in ("official", "official_same_malloc"):
                 r = _rounds(row, ours, other, "s_per_iter")
                 if r:
                     rounds.append([name, f"{other} / {ours}", r])
         if "loss_equal" in row:
-            losses.append(f"Initial training loss (dropout off), {name}: ours "
-                          f"{row['ours']['initial_loss_no_dropout']:.6f}, official "
-                          f"{row['official']['initial_loss_no_dropout']:.6f} (relative difference "
-                          f"{row['loss_rel_diff']:.1e}: {'equal' if row['loss_equal'] else 'DIFFERENT'}).")
-    return ["Training, seconds per iteration (median of the rounds):", ""] + _table(header, rows) + [
-        "", "Training speed-up, round by round:", ""] + _table(["size, batch", "ratio", "rounds"], rounds) + (
-        [""] + losses if losses else [])
+            losses.append(
+                f"Initial training loss (dropout off), {name}: ours "
+                f"{row['ours']['initial_loss_no_dropout']:.6f}, official "
+                f"{row['official']['initial_loss_no_dropout']:.6f} (relative difference "
+                f"{row['loss_rel_diff']:.1e}: {'equal' if row['loss_equal'] else 'DIFFERENT'})."
+            )
+    return (
+        ["Training, seconds per iteration (median of the rounds):", ""]
+        + _table(header, rows)
+        + ["", "Training speed-up, round by round:", ""]
+        + _table(["size, batch", "ratio", "rounds"], rounds)
+        + ([""] + losses if losses else [])
+    )
 
 
 def _speed_memory(s: dict) -> List[str]:
-    variants = ["ours", "ours_optimized", "ours_channels_last", "ours_torch_dropout", "ours_default_malloc",
-                "official", "official_same_malloc"]
-    header = ["peak, MiB", "size", "ours", "ours, optimized", "ours, channels-last", "ours, torch's masks",
-              "ours, glibc malloc", "official", "official, same malloc",
-              "vs official, same malloc (ours / optimized)", "both glibc malloc"]
+    variants = [
+        "ours",
+        "ours_optimized",
+        "ours_channels_last",
+        "ours_torch_dropout",
+        "ours_default_malloc",
+        "official",
+        "official_same_malloc",
+    ]
+    header = [
+        "peak, MiB",
+        "size",
+        "ours",
+        "ours, optimized",
+        "ours, channels-last",
+        "ours, torch's masks",
+        "ours, glibc malloc",
+        "official",
+        "official, same malloc",
+        "vs official, same malloc (ours / optimized)",
+        "both glibc malloc",
+    ]
 
     def frac(row, a, b, kind):
         x, y = row.get(a, {}).get(kind), row.get(b, {}).get(kind)
@@ -170,20 +253,34 @@ def _speed_memory(s: dict) -> List[str]:
             for kind, label in (("tensor_peak_mib", "tensors"), ("peak_mem_mib", "RSS")):
                 cells = [f"{task}, {label}", _size(row["size"])]
                 cells += [f"{row[v][kind]:.0f}" if v in row and kind in row[v] else "-" for v in variants]
-                cells.append(f"{frac(row, 'ours', 'official_same_malloc', kind)} / "
-                             f"{frac(row, 'ours_optimized', 'official_same_malloc', kind)}")
+                cells.append(
+                    f"{frac(row, 'ours', 'official_same_malloc', kind)} / "
+                    f"{frac(row, 'ours_optimized', 'official_same_malloc', kind)}"
+                )
                 cells.append(frac(row, "ours_default_malloc", "official", kind))
                 rows.append(cells)
-    return ["Peak memory (tensors: the most that one call's tensors hold at once, whatever the allocator; "
-            "RSS: peak resident memory above the level after the model is built, median of the processes; "
-            "the ratios compare like with like):", ""] + _table(header, rows)
+    return [
+        "Peak memory (tensors: the most that one call's tensors hold at once, whatever the allocator; "
+        "RSS: peak resident memory above the level after the model is built, median of the processes; "
+        "the ratios compare like with like):",
+        "",
+    ] + _table(header, rows)
 
 
 def _speed_outputs(s: dict) -> List[str]:
-    rows = [[name, str(d["layers"]), f"{d['max_abs_logits']:.1e}", f"{d['max_abs_boxes']:.1e}",
-             "equal" if d["pass"] else "DIFFERENT"] for name, d in s["equal_outputs"].items()]
+    rows = [
+        [
+            name,
+            str(d["layers"]),
+            f"{d['max_abs_logits']:.1e}",
+            f"{d['max_abs_boxes']:.1e}",
+            "equal" if d["pass"] else "DIFFERENT",
+        ]
+        for name, d in s["equal_outputs"].items()
+    ]
     return ["Outputs compared (all decoder layers):", ""] + _table(
-        ["pair, batch, size", "layers", "max abs diff logits", "max abs diff boxes", "result"], rows)
+        ["pair, batch, size", "layers", "max abs diff logits", "max abs diff boxes", "result"], rows
+    )
 
 
 def _speed_profile(r: dict) -> List[str]:
@@ -195,26 +292,52 @@ def _speed_profile(r: dict) -> List[str]:
     for impl, p in prof.items():
         ip, tp = p["inference_parts_s"], p["train_parts_s"]
         share = ip.get("backbone", 0) / p["inference_total_s"]
-        rows.append([impl, f"{p['inference_total_s']:.3f}"] + [f"{ip[k]:.3f}" if k in ip else "n/a" for k in parts]
-                    + [f"{share:.0%}", f"{p['train_forward_and_loss_s']:.2f}", f"{tp.get('backbone', 0):.2f}",
-                       f"{tp.get('matcher', 0):.3f}", f"{p['train_backward_and_step_s']:.2f}"])
-    header = ["", "inference total", "backbone", "encoder", "decoder", "Gaussian prior", "backbone share",
-              "training: forward + loss", "backbone forward", "matcher", "backward + step"]
+        rows.append(
+            [impl, f"{p['inference_total_s']:.3f}"]
+            + [f"{ip[k]:.3f}" if k in ip else "n/a" for k in parts]
+            + [
+                f"{share:.0%}",
+                f"{p['train_forward_and_loss_s']:.2f}",
+                f"{tp.get('backbone', 0):.2f}",
+                f"{tp.get('matcher', 0):.3f}",
+                f"{p['train_backward_and_step_s']:.2f}",
+            ]
+        )
+    header = [
+        "",
+        "inference total",
+        "backbone",
+        "encoder",
+        "decoder",
+        "Gaussian prior",
+        "backbone share",
+        "training: forward + loss",
+        "backbone forward",
+        "matcher",
+        "backward + step",
+    ]
     lines = ["Where the time goes (seconds; forward hooks, one process each):", ""] + _table(header, rows)
     kinds = {impl: p["train_op_kinds_s"] for impl, p in prof.items() if "train_op_kinds_s" in p}
     if kinds:
         names = list(next(iter(kinds.values())))
         lines += ["", "One training step by kind of operator (self CPU seconds, torch.profiler):", ""]
-        lines += _table(["", *names, "total"],
-                        [[impl] + [f"{k[n]:.2f}" for n in names] + [f"{sum(k.values()):.2f}"] for impl, k in kinds.items()])
+        lines += _table(
+            ["", *names, "total"],
+            [[impl] + [f"{k[n]:.2f}" for n in names] + [f"{sum(k.values()):.2f}"] for impl, k in kinds.items()],
+        )
         trains = r["single_scale"]["train"]
-        official = [trains[0][k]["s_per_iter"] for k in ("official", "official_same_malloc") if trains and k in trains[0]]
+        official = [
+            trains[0][k]["s_per_iter"] for k in ("official", "official_same_malloc") if trains and k in trains[0]
+        ]
         ours = kinds.get("ours")
         if ours and official:
             shared = sum(v for k, v in ours.items() if k != "everything else")
-            lines += ["", f"Ours spends {shared:.2f} s of the profiled step in convolutions, matrix products and "
-                      f"drawing dropout masks: unless those get faster, it cannot train more than "
-                      f"{min(official) / shared:.2f}x faster than the official {min(official):.2f} s/iter."]
+            lines += [
+                "",
+                f"Ours spends {shared:.2f} s of the profiled step in convolutions, matrix products and "
+                f"drawing dropout masks: unless those get faster, it cannot train more than "
+                f"{min(official) / shared:.2f}x faster than the official {min(official):.2f} s/iter.",
+            ]
     return lines
 
 
@@ -223,17 +346,26 @@ def _speed_other_models(r: dict) -> List[str]:
     if not others:
         return []
     sizes = list(others[0]["inference"])
-    header = ["model", "parameters"] + [f"inference {k}, s/img" for k in sizes] + [
-        "training, s/iter", "training peak tensors, MiB", "training peak RSS, MiB"]
+    header = (
+        ["model", "parameters"]
+        + [f"inference {k}, s/img" for k in sizes]
+        + ["training, s/iter", "training peak tensors, MiB", "training peak RSS, MiB"]
+    )
     rows = []
     for row in others:
         t = row["train"] or {}
-        rows.append([MODEL_NAMES.get(row["model"], row["model"]) + (" AMP" if row["amp"] else ""),
-                     f"{next(iter(row['inference'].values()))['params']:,}"]
-                    + [f"{row['inference'][k]['s_per_image']:.3f}" for k in sizes]
-                    + [f"{t['s_per_iter']:.2f}" if t else "-",
-                       f"{t['tensor_peak_mib']:.0f}" if "tensor_peak_mib" in t else "-",
-                       f"{t['peak_mem_mib']:.0f}" if "peak_mem_mib" in t else "-"])
+        rows.append(
+            [
+                MODEL_NAMES.get(row["model"], row["model"]) + (" AMP" if row["amp"] else ""),
+                f"{next(iter(row['inference'].values()))['params']:,}",
+            ]
+            + [f"{row['inference'][k]['s_per_image']:.3f}" for k in sizes]
+            + [
+                f"{t['s_per_iter']:.2f}" if t else "-",
+                f"{t['tensor_peak_mib']:.0f}" if "tensor_peak_mib" in t else "-",
+                f"{t['peak_mem_mib']:.0f}" if "peak_mem_mib" in t else "-",
+            ]
+        )
     return ["Other models (ours; parameters with the 92 official class columns):", ""] + _table(header, rows)
 
 
@@ -243,21 +375,37 @@ def _speed_scaling(r: dict) -> List[str]:
         return []
     off = r.get("official")
     lines = ["Inference time vs image size and number of queries (single-scale, s/img):", ""]
-    lines += _table(["image size", "ours"] + (["official", "speed-up"] if off else []),
-                    [[_size(x["size"]), f"{x['ours']:.3f}"] + ([f"{x['official']:.3f}", _ratio(x["ours"], x["official"])]
-                                                           if off else []) for x in sc["sizes"]])
-    lines += [""] + _table(["queries", "ours"] + (["official", "speed-up"] if off else []),
-                           [[str(x["num_queries"]), f"{x['ours']:.3f}"]
-                            + ([f"{x['official']:.3f}", _ratio(x["ours"], x["official"])] if off else [])
-                            for x in sc["queries"]])
+    lines += _table(
+        ["image size", "ours"] + (["official", "speed-up"] if off else []),
+        [
+            [_size(x["size"]), f"{x['ours']:.3f}"]
+            + ([f"{x['official']:.3f}", _ratio(x["ours"], x["official"])] if off else [])
+            for x in sc["sizes"]
+        ],
+    )
+    lines += [""] + _table(
+        ["queries", "ours"] + (["official", "speed-up"] if off else []),
+        [
+            [str(x["num_queries"]), f"{x['ours']:.3f}"]
+            + ([f"{x['official']:.3f}", _ratio(x["ours"], x["official"])] if off else [])
+            for x in sc["queries"]
+        ],
+    )
     return lines
 
 
 def render_speed(r: dict) -> str:
     s = r["single_scale"]
-    blocks = [[environment_line(r["environment"]) + " Single-scale R50; speed-up = the other's time / ours."],
-              _speed_inference(s), _speed_training(s), _speed_memory(s), _speed_outputs(s), _speed_profile(r),
-              _speed_other_models(r), _speed_scaling(r)]
+    blocks = [
+        [environment_line(r["environment"]) + " Single-scale R50; speed-up = the other's time / ours."],
+        _speed_inference(s),
+        _speed_training(s),
+        _speed_memory(s),
+        _speed_outputs(s),
+        _speed_profile(r),
+        _speed_other_models(r),
+        _speed_scaling(r),
+    ]
     return "\n\n".join("\n".join(b) for b in blocks if b)
 
 

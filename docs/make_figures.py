@@ -10,19 +10,20 @@ The maps of a trained model are drawn by ``tools/visualize_gaussian_maps.py``.
 
     python docs/make_figures.py            # writes docs/figures/gaussian_maps.png
 """
+
 import argparse
 import os
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from PIL import Image
 
-from smca_d2.data.synthetic import CLASS_NAMES, render_image  # noqa: E402
-from smca_d2.modeling.attention import gaussian_log_weights  # noqa: E402
+from smca_d2.data.synthetic import CLASS_NAMES, render_image
+from smca_d2.modeling.attention import gaussian_log_weights
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 STRIDE = 8  # feature stride of the maps (res3, as in the demo config)
@@ -59,9 +60,9 @@ def weight_maps(objects, scale_type: str) -> np.ndarray:
 def draw(path: str) -> None:
     image, objects = render_image(*IMAGE_SIZE, np.random.default_rng(SEED))
     titles = {
-        "fixed": "fixed scale (scale_type=\"fixed\")",
-        "single": "one scale per head (\"single\")",
-        "independent": "x/y scales (\"independent\")",
+        "fixed": 'fixed scale (scale_type="fixed")',
+        "single": 'one scale per head ("single")',
+        "independent": 'x/y scales ("independent")',
     }
     fig, axes = plt.subplots(1, 3, figsize=(10.5, 3.0), dpi=80)
     h, w = IMAGE_SIZE

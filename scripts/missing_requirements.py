@@ -12,6 +12,7 @@ already has, only what is missing gets installed, and nothing present is replace
 
     python scripts/missing_requirements.py [--constraints FILE] requirements/base.txt ...
 """
+
 import argparse
 import importlib.metadata as metadata
 import re
@@ -58,7 +59,7 @@ def missing_requirements(requirements, versions):
         try:
             req = Requirement(text)
         except InvalidRequirement as e:
-            raise SystemExit(f"invalid requirement {text!r}: {e}")
+            raise SystemExit(f"invalid requirement {text!r}: {e}") from None
         if req.marker is not None and not req.marker.evaluate():
             continue
         version = versions.get(_canonical(req.name))

@@ -34,6 +34,7 @@ with ``lr_factor_func``                    ``smca_d2.solver.param_groups`` gives
                                            bfloat16 on the CPU, without a scaler for bfloat16
 =========================================  ===================================================
 """
+
 import functools
 import importlib
 import importlib.util
@@ -152,7 +153,7 @@ def apply():
 DEFAULT_TIMEOUT = timedelta(minutes=30)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _detectron2_launch_supports_cpu() -> bool:
     launch_module = importlib.import_module("detectron2.engine.launch")
     return "GLOO" in inspect.getsource(launch_module)
@@ -210,9 +211,7 @@ def launch(
     )
 
 
-def _cpu_worker(
-    local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args, timeout
-):
+def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args, timeout):
     from detectron2.utils import comm
 
     apply()  # a spawned process starts fresh

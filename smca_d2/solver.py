@@ -1,4 +1,5 @@
 """Optimizer pieces of the SMCA recipe: AdamW, lower backbone lr, full-model grad-norm clipping."""
+
 from typing import Dict, Iterator, List, Optional
 
 import torch

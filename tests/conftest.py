@@ -8,8 +8,7 @@ from PIL import Image
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-import smca_d2  # noqa: E402,F401  (applies the detectron2 compatibility fixes first)
-
+import smca_d2  # noqa: F401  (applies the detectron2 compatibility fixes first)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +35,7 @@ def write_tiny_coco(root, num_images=4, size=(64, 80), num_classes=2, seed=0):
     images, annotations = [], []
     for image_id in range(1, num_images + 1):
         img = rng.integers(0, 60, size=(h, w, 3), dtype=np.uint8)
-        for k in range(rng.integers(1, 3) + 1):
+        for _ in range(rng.integers(1, 3) + 1):
             bw, bh = rng.integers(12, 28, size=2)
             x0, y0 = rng.integers(0, w - bw), rng.integers(0, h - bh)
             category = int(rng.integers(1, num_classes + 1))

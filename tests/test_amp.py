@@ -1,17 +1,16 @@
 """Mixed-precision training (smca_d2/engine/amp.py): bfloat16 on the CPU, float16 with a scaler."""
+
 import numpy as np
 import pytest
 import torch
-
-from detectron2.config import instantiate
-from detectron2.structures import Boxes, Instances
+from test_train_net import CONFIG, run_train_net, tiny_overrides
 
 from smca_d2.checkpoint import SafeCheckpointer
 from smca_d2.data.synthetic import render_image
-from smca_d2.engine import AMPTrainer, amp_dtype
-from smca_d2.engine import load_config
+from smca_d2.engine import AMPTrainer, amp_dtype, load_config
 
-from test_train_net import CONFIG, run_train_net, tiny_overrides
+from detectron2.config import instantiate
+from detectron2.structures import Boxes, Instances
 
 TINY_MODEL = [
     "model.transformer.encoder.num_layers=1",
@@ -42,10 +41,12 @@ def tiny_model_and_batch():
         image, objects = render_image(96, 112, np.random.default_rng(seed))
         boxes = torch.tensor([[x, y, x + w, y + h] for _, (x, y, w, h) in objects], dtype=torch.float32)
         classes = torch.tensor([category - 1 for category, _ in objects])
-        batch.append({
-            "image": torch.as_tensor(image).permute(2, 0, 1).float(),
-            "instances": Instances((96, 112), gt_boxes=Boxes(boxes), gt_classes=classes),
-        })
+        batch.append(
+            {
+                "image": torch.as_tensor(image).permute(2, 0, 1).float(),
+                "instances": Instances((96, 112), gt_boxes=Boxes(boxes), gt_classes=classes),
+            }
+        )
     return model, batch
 
 
@@ -89,8 +90,12 @@ def test_float16_resumes_from_a_checkpoint_without_scaler_state(tmp_path):
 def test_bad_amp_precision_is_refused_before_training(tmp_path):
     out = tmp_path / "out"
     result = run_train_net(
-        tmp_path, *tiny_overrides(out), "train.amp.enabled=True", "train.amp.precision=half",
-        "train.max_iter=2", check=False,
+        tmp_path,
+        *tiny_overrides(out),
+        "train.amp.enabled=True",
+        "train.amp.precision=half",
+        "train.max_iter=2",
+        check=False,
     )
     assert result.returncode != 0
     assert "train.amp.precision='half': use 'float16', 'bfloat16' or None" in result.stderr
@@ -101,8 +106,12 @@ def test_bad_amp_precision_is_refused_before_training(tmp_path):
 def test_train_net_bfloat16_on_cpu(tmp_path):
     out = tmp_path / "out"
     result = run_train_net(
-        tmp_path, *tiny_overrides(out), "train.amp.enabled=True", "train.max_iter=2",
-        "train.eval_period=2", check=False,
+        tmp_path,
+        *tiny_overrides(out),
+        "train.amp.enabled=True",
+        "train.max_iter=2",
+        "train.eval_period=2",
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     log = result.stdout + result.stderr

@@ -1,6 +1,7 @@
 """Habits of the code base that a reader relies on: the package's docstrings and comments say
 what and why without measurements (figures live in the benchmark JSON and docs/BENCHMARKS.md),
 and the model's constructor has no speed-only options (those are smca_d2.speedups)."""
+
 import inspect
 import io
 import os
@@ -26,9 +27,11 @@ def _docs_and_comments(path):
         source = f.read()
     previous = tokenize.NEWLINE
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.COMMENT:
-            yield tok.start[0], tok.string
-        elif tok.type == tokenize.STRING and previous in (tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT):
+        if (
+            tok.type == tokenize.COMMENT
+            or tok.type == tokenize.STRING
+            and previous in (tokenize.NEWLINE, tokenize.NL, tokenize.INDENT, tokenize.DEDENT)
+        ):
             yield tok.start[0], tok.string
         if tok.type not in (tokenize.COMMENT, tokenize.NL):
             previous = tok.type

@@ -1,4 +1,5 @@
 """The compatibility layer: detectron2 v0.6 without `_C` and detectron2 main with `_C`."""
+
 import importlib
 import os
 import sys
@@ -6,15 +7,14 @@ import sys
 import pytest
 import torch
 
-import detectron2
 from smca_d2 import compat
 
 
 def test_smca_d2_and_detectron2_import():
-    import detectron2.engine  # noqa: F401
-    import detectron2.evaluation  # noqa: F401
-    import detectron2.modeling  # noqa: F401
-    import detectron2.model_zoo  # noqa: F401
+    import detectron2.engine
+    import detectron2.evaluation
+    import detectron2.model_zoo
+    import detectron2.modeling
 
     assert hasattr(detectron2, "__version__")
 
@@ -41,7 +41,7 @@ def test_missing_extension_fails_clearly_only_when_called():
     from detectron2.layers import deform_conv  # noqa: F401  (imports fine)
 
     with pytest.raises(compat.MissingExtensionError, match="without its compiled"):
-        ext.deform_conv_forward
+        _ = ext.deform_conv_forward
     assert not hasattr(ext, "box_iou_rotated")
     from detectron2.utils.collect_env import collect_env_info
 
@@ -58,7 +58,7 @@ def test_coco_evaluator_falls_back_to_pycocotools():
 
 
 def test_apply_is_idempotent_and_noop_for_a_real_extension(monkeypatch):
-    before = sys.modules["detectron2._C"] if "detectron2._C" in sys.modules else None
+    before = sys.modules.get("detectron2._C")
     compat.apply()
     assert sys.modules.get("detectron2._C") is before
     # A real compiled module in sys.modules is detected as such and left alone.
@@ -101,8 +101,7 @@ def _ddp_worker(out_dir):
     total = torch.tensor([rank + 1.0])
     dist.all_reduce(total)
     grad = model.module.weight.grad.clone()
-    torch.save({"sum": total, "grad": grad, "backend": dist.get_backend()},
-               os.path.join(out_dir, f"rank{rank}.pt"))
+    torch.save({"sum": total, "grad": grad, "backend": dist.get_backend()}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_launch_two_processes_on_cpu(tmp_path):

@@ -1,15 +1,19 @@
 """Every shipped config, reduced in size, goes through train_net.py: train -> checkpoint ->
-resume -> evaluate; and round-trips through LazyConfig.save/load."""
+resume -> evaluate; and round-trips through LazyConfig.save/load.
+
+`make test` runs the train/resume/evaluate check on one config of each kind (model type, data
+pipeline); the configs derived from those by schedule, depth or dataset run it under the `long`
+marker (`make test-long`), and every config is built and round-tripped in `make test`."""
+
 import glob
 import json
 import math
 import os
 
 import pytest
+from test_train_net import REPO, run_train_net
 
 from detectron2.config import LazyConfig, instantiate
-
-from test_train_net import REPO, run_train_net
 
 CONFIGS = sorted(
     glob.glob(os.path.join(REPO, "configs", "*.py"))
@@ -17,6 +21,20 @@ CONFIGS = sorted(
     + glob.glob(os.path.join(REPO, "configs", "convergence", "*.py"))
 )
 IDS = [os.path.relpath(p, os.path.join(REPO, "configs")) for p in CONFIGS]
+# One config per model type and data pipeline: COCO with DETR's augmentation (single-scale,
+# multi-scale, the baseline), the generated shapes with size-grouped batches (the demo), the tree
+# crowns (convergence); the others differ from one of these in schedule, depth or dataset only.
+E2E_IN_MAKE_TEST = {
+    "smca_single_scale_r50_50ep.py",
+    "smca_multi_scale_r50_50ep.py",
+    "detr_baseline_r50_50ep.py",
+    "demo/smca_r18_synthetic.py",
+    "convergence/deepforest_smca_single_scale.py",
+}
+E2E_CONFIGS = [
+    pytest.param(path, id=name, marks=() if name in E2E_IN_MAKE_TEST else pytest.mark.long)
+    for path, name in zip(CONFIGS, IDS)
+]
 
 # Tiny images, a narrow transformer and the generated dataset instead of COCO.
 REDUCED = [
@@ -55,21 +73,29 @@ def reduced_overrides(path, out):
     return overrides
 
 
+def test_the_configs_run_in_make_test_exist():
+    assert set(IDS) >= E2E_IN_MAKE_TEST
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("path", CONFIGS, ids=IDS)
+@pytest.mark.parametrize("path", E2E_CONFIGS)
 def test_config_trains_resumes_and_evaluates(path, tmp_path):
     out = tmp_path / "out"
     overrides = reduced_overrides(path, out)
-    first = run_train_net(tmp_path, "--config-file", path, *overrides, "train.max_iter=2", "train.eval_period=2", check=False)
+    first = run_train_net(
+        tmp_path, "--config-file", path, *overrides, "train.max_iter=2", "train.eval_period=2", check=False
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     assert (out / "model_0000001.pth").is_file() or (out / "model_final.pth").is_file()
-    resumed = run_train_net(tmp_path, "--config-file", path, "--resume", *overrides, "train.max_iter=3", "train.eval_period=3", check=False)
+    resumed = run_train_net(
+        tmp_path, "--config-file", path, "--resume", *overrides, "train.max_iter=3", "train.eval_period=3", check=False
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = resumed.stdout + resumed.stderr
     assert "Starting training from iteration 2" in log and "copypaste: AP,AP50" in log
     saved = LazyConfig.load(str(out / "config.yaml"))  # the resolved config is loadable again
     assert saved.model.num_queries == 10
-    metrics = [json.loads(line) for line in open(out / "metrics.json")]
+    metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     assert {m["iteration"] for m in metrics if "loss_class" in m} >= {0, 1, 2}
 
 
@@ -89,9 +115,10 @@ def test_lr_drops_at_four_fifths_of_max_iter_also_when_it_is_overridden(path):
     """detectron2's LRScheduler hook reads the schedule at iter / train.max_iter: a command-line
     train.max_iter moves the drop with it."""
     import torch
-    from detectron2.solver import LRMultiplier
 
     from smca_d2.engine import load_config
+
+    from detectron2.solver import LRMultiplier
 
     for overrides in ([], ["train.max_iter=50"]):
         cfg = load_config(path, overrides)

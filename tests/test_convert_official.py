@@ -3,6 +3,7 @@
 The official code is not available here, so an "official-layout" state dict is made from our own
 model with an inverse key mapping written independently below, then converted back.
 """
+
 import argparse
 import importlib.util
 import os
@@ -13,9 +14,6 @@ import sys
 import pytest
 import torch
 
-from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import LazyConfig, instantiate
-
 from smca_d2.checkpoint import (
     SafeCheckpointer,
     UnsafeCheckpointError,
@@ -23,6 +21,9 @@ from smca_d2.checkpoint import (
     convert_official_state_dict,
     load_official_checkpoint,
 )
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import LazyConfig, instantiate
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(REPO_ROOT, "configs", "smca_single_scale_r50_50ep.py")
@@ -92,13 +93,22 @@ def to_official_key(key):
             return m.expand(repl)
         layer = f"backbone.0.body.layer{int(m.group(1)) - 1}.{m.group(2)}"
         if ".shortcut." in key:
-            return f"{layer}.downsample.0.weight" if key.endswith("shortcut.weight") else f"{layer}.downsample.1.{m.group(3)}"
+            return (
+                f"{layer}.downsample.0.weight"
+                if key.endswith("shortcut.weight")
+                else f"{layer}.downsample.1.{m.group(3)}"
+            )
         if ".norm." in key:
             return f"{layer}.bn{m.group(3)}.{m.group(4)}"
         return f"{layer}.conv{m.group(3)}.weight"
     assert key.startswith(("transformer.", "class_embed.", "bbox_embed.", "query_embed.")), key
-    official_names = {"cross_attn": "multihead_attn", "modulation_norm": "norm4", "center_head": "point1",
-                      "offset_head": "point2", "scale_head": "point3"}
+    official_names = {
+        "cross_attn": "multihead_attn",
+        "modulation_norm": "norm4",
+        "center_head": "point1",
+        "offset_head": "point2",
+        "scale_head": "point3",
+    }
     m = re.fullmatch(r"(transformer\.decoder\.layers\.\d+)\.(\w+)\.(.*)", key)
     if m and m.group(2) in official_names:
         return f"{m.group(1)}.{official_names[m.group(2)]}.{m.group(3)}"
@@ -301,9 +311,22 @@ def test_cli_writes_a_detectron2_checkpoint(model80, official_sd, images, refere
     torch.save({"model": official_sd, "epoch": 0, "args": argparse.Namespace(dynamic_scale="type3")}, src)
     dst = tmp_path / "out" / "smca_d2.pth"
     proc = subprocess.run(
-        [sys.executable, CONVERT_TOOL, "--input", str(src), "--output", str(dst), "--num-classes", "80",
-         "--config", str(config)],
-        capture_output=True, text=True, cwd=str(tmp_path), timeout=120,
+        [
+            sys.executable,
+            CONVERT_TOOL,
+            "--input",
+            str(src),
+            "--output",
+            str(dst),
+            "--num-classes",
+            "80",
+            "--config",
+            str(config),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=str(tmp_path),
+        timeout=120,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -337,8 +360,10 @@ def test_cli_refuses_code_executing_pickle(tmp_path, capsys):
 def test_checkpoint_with_the_official_decoder_names_loads_renamed(model92, tmp_path):
     """smca_d2 0.1 wrote the decoder modules under the official names (point1, norm4, ...)."""
     old_names = {
-        k.replace(".center_head.", ".point1.").replace(".offset_head.", ".point2.")
-        .replace(".scale_head.", ".point3.").replace(".modulation_norm.", ".norm4.")
+        k.replace(".center_head.", ".point1.")
+        .replace(".offset_head.", ".point2.")
+        .replace(".scale_head.", ".point3.")
+        .replace(".modulation_norm.", ".norm4.")
         .replace(".cross_attn.", ".multihead_attn."): v
         for k, v in model92.state_dict().items()
     }

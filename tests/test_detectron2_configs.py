@@ -2,22 +2,24 @@
 ``configs/common/train.py``) has no ``seed``, ``ema`` ..., and R-CNN keeps its class count at
 ``model.roi_heads.num_classes``. Only the dataset, the device, the sizes, the length, the norms
 (trainable: there are no pretrained weights) and the score threshold are overridden."""
+
 import json
 import os
 import re
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, load_script, write_tiny_coco
 from omegaconf import OmegaConf
+
+from smca_d2.engine import ConfigChange, adapt_foreign_config, check_num_classes, load_config
+from smca_d2.engine.config import DATA_REPLACEMENTS, TRAIN_DEFAULTS
 
 from detectron2 import model_zoo
 from detectron2.config import LazyConfig
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
-
-from conftest import REPO, load_script, write_tiny_coco
-from smca_d2.engine import ConfigChange, adapt_foreign_config, check_num_classes, load_config
-from smca_d2.engine.config import DATA_REPLACEMENTS, TRAIN_DEFAULTS
 
 RETINANET = "COCO-Detection/retinanet_R_50_FPN_1x.py"
 # detectron2 has no Faster R-CNN LazyConfig (COCO-Detection/faster_rcnn_*.yaml only): its R-CNN
@@ -106,7 +108,7 @@ def test_adapt_foreign_config_adds_our_train_options_with_the_values_of_our_trai
     added = [c for c in adapt_foreign_config(cfg) if c.key.startswith("train.")]
     ours = LazyConfig.load(os.path.join(REPO, "configs", "common", "train.py")).train
     for key, value in TRAIN_DEFAULTS.items():
-        for sub, default in (value.items() if isinstance(value, dict) else [(None, value)]):
+        for sub, default in value.items() if isinstance(value, dict) else [(None, value)]:
             assert (ours[key] if sub is None else ours[key][sub]) == default, (key, sub)  # declared there
             assert (cfg.train[key] if sub is None else cfg.train[key][sub]) == default, (key, sub)
     assert cfg.train.seed == -1 and cfg.train.ema.enabled is False and cfg.train.amp.enabled is False
@@ -124,8 +126,9 @@ def test_adapt_foreign_config_adds_our_train_options_with_the_values_of_our_trai
     assert {c.key for c in added} == expected and all(c.old is None for c in added)
 
     # So they can be overridden without "+" (a key not in the config is refused otherwise).
-    overridden = load_config(model_zoo.get_config_file(RETINANET),
-                             ["train.seed=5", "train.ema.enabled=True", "train.amp.precision=bfloat16"])
+    overridden = load_config(
+        model_zoo.get_config_file(RETINANET), ["train.seed=5", "train.ema.enabled=True", "train.amp.precision=bfloat16"]
+    )
     assert overridden.train.seed == 5 and overridden.train.ema.enabled is True
     assert overridden.train.ema.decay == 0.9998 and overridden.train.amp.precision == "bfloat16"
 
@@ -146,17 +149,22 @@ def test_foreign_data_functions_are_replaced_reported_and_switchable():
     cfg, changes = load_config(path, return_changes=True)
     replaced = {c.key: c for c in changes if c.key.endswith("._target_")}
     assert set(replaced) == {
-        "dataloader.train._target_", "dataloader.train.dataset._target_", "dataloader.test.dataset._target_",
-        "dataloader.train.mapper._target_", "dataloader.test.mapper._target_",
+        "dataloader.train._target_",
+        "dataloader.train.dataset._target_",
+        "dataloader.test.dataset._target_",
+        "dataloader.train.mapper._target_",
+        "dataloader.test.mapper._target_",
     }
     assert set(DATA_REPLACEMENTS) == {c.old for c in replaced.values()}
     assert str(replaced["dataloader.train._target_"]) == (
         "dataloader.train._target_: detectron2.data.build.build_detection_train_loader -> "
         "smca_d2.data.resumable_loader.build_resumable_train_loader"
     )
-    for key, target in (("dataloader.train", build_resumable_train_loader),
-                        ("dataloader.train.dataset", validated_dataset_dicts),
-                        ("dataloader.test.mapper", RobustDatasetMapper)):
+    for key, target in (
+        ("dataloader.train", build_resumable_train_loader),
+        ("dataloader.train.dataset", validated_dataset_dicts),
+        ("dataloader.test.mapper", RobustDatasetMapper),
+    ):
         assert OmegaConf.select(cfg, key)._target_ == f"{target.__module__}.{target.__name__}"
     # Options of the drop-ins can then be overridden.
     cfg = load_config(path, ["dataloader.train.dataset.verify_images=True", "dataloader.train.size_grouping=32"])
@@ -175,23 +183,30 @@ def test_foreign_data_functions_are_replaced_reported_and_switchable():
 def test_train_net_logs_the_adaptation_after_logging_starts_and_data_as_written_turns_it_off(
     tiny_dataset, tmp_path, monkeypatch
 ):
+    from smca_d2.data import RobustDatasetMapper
+
     from detectron2.data import DatasetMapper
     from detectron2.utils.registry import locate
-
-    from smca_d2.data import RobustDatasetMapper
 
     train_net = load_script("train_net.py")
     monkeypatch.setattr(train_net, "do_train", lambda args, cfg: None)  # only the setup is tested
     for flags in ([], ["--data-as-written"]):
         out = str(tmp_path / ("as_written" if flags else "adapted"))
-        run_main("--config-file", model_zoo.get_config_file(RETINANET), *flags,
-                 *tiny_overrides(tiny_dataset, out, "model.num_classes"), train_net=train_net)
-        log = open(os.path.join(out, "log.txt")).read()  # the file of train_net.py's logger
+        run_main(
+            "--config-file",
+            model_zoo.get_config_file(RETINANET),
+            *flags,
+            *tiny_overrides(tiny_dataset, out, "model.num_classes"),
+            train_net=train_net,
+        )
+        log = Path(out, "log.txt").read_text()  # the file of train_net.py's logger
         saved = LazyConfig.load(os.path.join(out, "config.yaml"))  # what ran
         assert "The config was adapted to train_net.py" in log
         assert "train.strict_load=False (added)" in log
-        replaced = "dataloader.train.mapper._target_: detectron2.data.dataset_mapper.DatasetMapper -> " \
-                   "smca_d2.data.mapper.RobustDatasetMapper"
+        replaced = (
+            "dataloader.train.mapper._target_: detectron2.data.dataset_mapper.DatasetMapper -> "
+            "smca_d2.data.mapper.RobustDatasetMapper"
+        )
         assert (replaced in log) == (not flags)
         assert locate(saved.dataloader.train.mapper._target_) is (DatasetMapper if flags else RobustDatasetMapper)
 
@@ -221,8 +236,11 @@ def test_check_num_classes_names_the_key_where_the_model_keeps_it():
         check_num_classes(panoptic)
 
     # A model that keeps no class count where we look: nothing to check, no error.
-    check_num_classes(OmegaConf.create({"model": {"head": {"num_outputs": 3}},
-                                        "dataloader": {"train": {"dataset": {"names": "coco_2017_train"}}}}))
+    check_num_classes(
+        OmegaConf.create(
+            {"model": {"head": {"num_outputs": 3}}, "dataloader": {"train": {"dataset": {"names": "coco_2017_train"}}}}
+        )
+    )
 
 
 @pytest.mark.slow
@@ -249,8 +267,13 @@ def test_retinanet_model_zoo_config_trains_resumes_and_evaluates(tiny_dataset, o
     assert [m["iteration"] for m in metrics_of(out) if "loss_cls" in m] == [0, 1]
     assert resumed["trainer"]["hooks"]["DeterministicSteps"]["seed"] == seed
 
-    results = run_main("--config-file", config, "--eval-only", *overrides,
-                       f"train.init_checkpoint={os.path.join(out, 'model_final.pth')}")
+    results = run_main(
+        "--config-file",
+        config,
+        "--eval-only",
+        *overrides,
+        f"train.init_checkpoint={os.path.join(out, 'model_final.pth')}",
+    )
     assert set(results["bbox"]) >= {"AP", "AP50", "AP75"}
 
 

@@ -1,20 +1,26 @@
 """Foundation: a detectron2 model-zoo LazyConfig model trains and evaluates here, in launch()."""
+
 import json
 import os
 
 import pytest
 import torch
 
+from smca_d2.compat import launch
+
 from detectron2 import model_zoo
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import instantiate
-from detectron2.data import DatasetCatalog, MetadataCatalog, build_detection_test_loader
-from detectron2.data import build_detection_train_loader, get_detection_dataset_dicts
+from detectron2.data import (
+    DatasetCatalog,
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
 from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import SimpleTrainer
 from detectron2.evaluation import COCOEvaluator, inference_on_dataset
-
-from smca_d2.compat import launch
 
 
 def _retinanet_job(json_path, image_dir, out_dir):
@@ -34,20 +40,19 @@ def _retinanet_job(json_path, image_dir, out_dir):
     from detectron2.data import DatasetMapper
     from detectron2.data import transforms as T
 
-    mapper = DatasetMapper(is_train=True, augmentations=[T.ResizeShortestEdge(64, 96)],
-                           image_format="BGR")
+    mapper = DatasetMapper(is_train=True, augmentations=[T.ResizeShortestEdge(64, 96)], image_format="BGR")
     loader = build_detection_train_loader(
-        dataset=get_detection_dataset_dicts(name), mapper=mapper, total_batch_size=2,
-        num_workers=0)
+        dataset=get_detection_dataset_dicts(name), mapper=mapper, total_batch_size=2, num_workers=0
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     trainer = SimpleTrainer(model, loader, optimizer)
     trainer.train(0, 3)
     DetectionCheckpointer(model, save_dir=out_dir).save("model_final")
 
-    test_mapper = DatasetMapper(is_train=False, augmentations=[T.ResizeShortestEdge(64, 96)],
-                                image_format="BGR")
-    test_loader = build_detection_test_loader(dataset=get_detection_dataset_dicts(name),
-                                              mapper=test_mapper, num_workers=0)
+    test_mapper = DatasetMapper(is_train=False, augmentations=[T.ResizeShortestEdge(64, 96)], image_format="BGR")
+    test_loader = build_detection_test_loader(
+        dataset=get_detection_dataset_dicts(name), mapper=test_mapper, num_workers=0
+    )
     evaluator = COCOEvaluator(name, output_dir=out_dir)
     results = inference_on_dataset(model, test_loader, evaluator)
     with open(os.path.join(out_dir, "results.json"), "w") as f:

@@ -1,4 +1,5 @@
 """Multi-process training on the CPU (GLOO) and the multi-machine path of launch()."""
+
 import json
 import os
 import socket
@@ -7,7 +8,6 @@ import sys
 
 import pytest
 import torch
-
 from test_train_net import REPO, run_train_net, tiny_overrides
 
 
@@ -18,7 +18,7 @@ def _free_port():
 
 
 def losses(out):
-    rows = [json.loads(line) for line in open(out / "metrics.json")]
+    rows = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     return {m["iteration"]: m for m in rows if "loss_class" in m}
 
 
@@ -73,8 +73,15 @@ def _report_rank(out_dir):
     value = torch.tensor([float(comm.get_rank())])
     dist.all_reduce(value)
     with open(os.path.join(out_dir, f"rank{comm.get_rank()}.json"), "w") as f:
-        json.dump({"world": comm.get_world_size(), "local": comm.get_local_rank(),
-                   "machine_size": comm.get_local_size(), "sum": value.item()}, f)
+        json.dump(
+            {
+                "world": comm.get_world_size(),
+                "local": comm.get_local_rank(),
+                "machine_size": comm.get_local_size(),
+                "sum": value.item(),
+            },
+            f,
+        )
 
 
 MACHINE = """
@@ -96,6 +103,6 @@ def test_two_machines_join_one_job(tmp_path):
         for r in (0, 1)
     ]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
-    reports = [json.load(open(tmp_path / f"rank{r}.json")) for r in (0, 1)]
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for r in reports:
         assert r["world"] == 2 and r["local"] == 0 and r["machine_size"] == 1 and r["sum"] == 1.0

@@ -10,6 +10,7 @@
   bash -c '...'` is checked by its inner command; anything else must be in ``COVERED_BY``, with
   the tests that run it.
 """
+
 import argparse
 import ast
 import glob
@@ -20,7 +21,6 @@ import shlex
 import shutil
 
 import pytest
-
 from conftest import REPO, load_script
 
 DOC_FILES = [os.path.join(REPO, "README.md")] + sorted(glob.glob(os.path.join(REPO, "docs", "*.md")))
@@ -28,7 +28,7 @@ DOC_FILES = [os.path.join(REPO, "README.md")] + sorted(glob.glob(os.path.join(RE
 # Commands that are not a repository script or a make target, with the tests that run them.
 COVERED_BY = {
     "pip install -e .": ["tests/test_packaging.py::test_wheel_works_outside_the_source_tree"],
-    'pip install -e .[test]': ["tests/test_packaging.py::test_wheel_works_outside_the_source_tree"],
+    "pip install -e .[test]": ["tests/test_packaging.py::test_wheel_works_outside_the_source_tree"],
 }
 # Environment variables given to a make command, beyond what the Makefile / bootstrap.sh read,
 # with the tests that exercise them.
@@ -96,7 +96,7 @@ def test_a_changed_json_changes_the_page_and_a_hand_edit_is_caught(tables, tmp_p
     tables.main(["--page", str(page), "--benchmarks", str(bench)])
     new = page.read_text()
     assert "| 800x1066, 2 | 4.00 |" in new and new != committed
-    outside = lambda t: re.sub(r"<!-- BEGIN (\S+) -->.*?<!-- END \1 -->", "", t, flags=re.S)  # noqa: E731
+    outside = lambda t: re.sub(r"<!-- BEGIN (\S+) -->.*?<!-- END \1 -->", "", t, flags=re.S)
     assert outside(new) == outside(committed)
 
 
@@ -155,7 +155,7 @@ def script_parser(script: str, monkeypatch) -> argparse.ArgumentParser:
         elif hasattr(module, "default_argument_parser"):  # train_net.py: detectron2's parser
             parser = module.default_argument_parser()
         else:
-            entry = getattr(module, "parse_args", None) or getattr(module, "main")
+            entry = getattr(module, "parse_args", None) or module.main
             try:
                 entry([]) if entry.__code__.co_argcount else entry()
             except _Captured as c:
@@ -195,9 +195,10 @@ def check_python(tokens, monkeypatch) -> str:
             from smca_d2.engine.config import load_config
 
             try:
-                load_config(config if not os.path.exists(os.path.join(REPO, config)) else os.path.join(REPO, config),
-                            overrides)
-            except Exception as e:  # noqa: BLE001 (the message is the point)
+                load_config(
+                    config if not os.path.exists(os.path.join(REPO, config)) else os.path.join(REPO, config), overrides
+                )
+            except Exception as e:
                 return f"{config} with {overrides}: {type(e).__name__}: {e}"
             _CONFIGS_CHECKED.add(key)
     return ""
@@ -290,8 +291,9 @@ def test_an_uncovered_command_is_named(monkeypatch):
     assert "no script" in check_command("python tools/no_such_tool.py --input x", monkeypatch)
     assert "no target" in check_command("make no-such-target", monkeypatch)
     assert "COVERED_BY" in check_command("curl https://example.com | sh", monkeypatch)
-    why = check_command("python train_net.py --config-file configs/demo/smca_r18_synthetic.py train.max_iters=5",
-                        monkeypatch)
+    why = check_command(
+        "python train_net.py --config-file configs/demo/smca_r18_synthetic.py train.max_iters=5", monkeypatch
+    )
     assert "train.max_iters" in why
 
 

@@ -1,5 +1,6 @@
 """The moving average of the weights (smca_d2/engine/ema.py): its arithmetic, swapping it into the
 model, checkpointing it, and loading it for inference."""
+
 import itertools
 import logging
 
@@ -7,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from detectron2.engine import SimpleTrainer, hooks
-
 from smca_d2.checkpoint import EMA_KEY, SafeCheckpointer
 from smca_d2.engine import EMAHook, ModelEMA, use_ema_weights
+
+from detectron2.engine import SimpleTrainer, hooks
 
 
 def small_model(seed=0):
@@ -86,9 +87,8 @@ def test_weights_in_model_swaps_and_restores():
 def test_weights_in_model_restores_after_an_error():
     model, ema = trained_with_ema(3)
     trained = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(RuntimeError, match="boom"):
-        with ema.weights_in_model():
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), ema.weights_in_model():
+        raise RuntimeError("boom")
     assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items())
 
 
@@ -97,7 +97,7 @@ def test_load_state_dict_refuses_weights_of_another_model():
     other = nn.Sequential(nn.Conv2d(3, 4, 3))
     with pytest.raises(KeyError, match="do not fit"):
         ema.load_state_dict(other.state_dict())
-    wrong = {k: v for k, v in small_model().state_dict().items()}
+    wrong = dict(small_model().state_dict().items())
     wrong["4.weight"] = torch.zeros(3, 144)
     with pytest.raises(ValueError, match="4.weight"):
         ema.load_state_dict(wrong)

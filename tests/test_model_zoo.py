@@ -1,19 +1,20 @@
 """smca_d2.model_zoo: shipped configs by name, with detectron2.model_zoo's semantics; config names
 accepted wherever a config path is; checkpoints that cannot be fetched."""
+
 import logging
 import os
 
 import pytest
 import torch
+from conftest import REPO
 from omegaconf import DictConfig
 
-from detectron2.config import LazyConfig
-
-from conftest import REPO
 from smca_d2 import model_zoo
 from smca_d2.checkpoint import CheckpointUnavailableError, SafeCheckpointer
 from smca_d2.engine import load_config
 from smca_d2.modeling import SMCADETR
+
+from detectron2.config import LazyConfig
 
 DEMO = "demo/smca_r18_synthetic.py"
 
@@ -38,7 +39,9 @@ def test_shipped_configs_are_loaded_as_written():
         assert cfg == LazyConfig.load(path), name
 
 
-@pytest.mark.parametrize("name", ["smca_multi_scale_r50_50ep.py", "smca_multi_scale_r50_50ep", "configs/smca_multi_scale_r50_50ep.py"])
+@pytest.mark.parametrize(
+    "name", ["smca_multi_scale_r50_50ep.py", "smca_multi_scale_r50_50ep", "configs/smca_multi_scale_r50_50ep.py"]
+)
 def test_get_config_file_accepts_names(name):
     path = model_zoo.get_config_file(name)
     assert os.path.samefile(path, os.path.join(REPO, "configs", "smca_multi_scale_r50_50ep.py"))
@@ -152,8 +155,18 @@ def test_demo_without_network_names_the_checkpoint_and_how_to_pass_it(tmp_path):
 
     image = tmp_path / "img.png"
     Image.fromarray(np.zeros((40, 60, 3), dtype=np.uint8)).save(image)
-    proc = _run([os.path.join(REPO, "demo", "demo.py"), "--config-file", "smca_single_scale_r50_50ep.py",
-                 "--input", str(image), "--output", str(tmp_path / "out")], tmp_path)
+    proc = _run(
+        [
+            os.path.join(REPO, "demo", "demo.py"),
+            "--config-file",
+            "smca_single_scale_r50_50ep.py",
+            "--input",
+            str(image),
+            "--output",
+            str(tmp_path / "out"),
+        ],
+        tmp_path,
+    )
     output = proc.stdout + proc.stderr  # detectron2's logger writes to stdout
     assert proc.returncode == 2, output
     assert "could not fetch the checkpoint detectron2://ImageNetPretrained/torchvision/R-50.pkl" in output
@@ -163,4 +176,6 @@ def test_demo_without_network_names_the_checkpoint_and_how_to_pass_it(tmp_path):
 def test_train_net_with_an_unknown_config_name_lists_the_configs(tmp_path):
     proc = _run([os.path.join(REPO, "train_net.py"), "--config-file", "smca_single_scale_r50_5ep.py"], tmp_path)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "no config file 'smca_single_scale_r50_5ep.py'" in proc.stderr and "  demo/smca_r18_synthetic.py" in proc.stderr
+    assert (
+        "no config file 'smca_single_scale_r50_5ep.py'" in proc.stderr and "  demo/smca_r18_synthetic.py" in proc.stderr
+    )

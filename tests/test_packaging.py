@@ -1,5 +1,6 @@
 """Distribution: the wheel carries the configs and works outside the source tree; the
 requirement helper of scripts/bootstrap.sh; SMCA_D2_SYSTEM_SITE=1 leaves installed packages alone."""
+
 import os
 import subprocess
 import sys
@@ -8,9 +9,9 @@ import textwrap
 import zipfile
 
 import pytest
+from conftest import REPO, load_script
 
 import smca_d2
-from conftest import REPO, load_script
 
 missing_requirements = load_script("scripts/missing_requirements.py")
 
@@ -19,8 +20,7 @@ def _other_site_dirs():
     """The site folders this interpreter sees, less the one with smca_d2's editable install."""
     own = os.path.realpath(sysconfig.get_paths()["purelib"])
     return [
-        p for p in sys.path
-        if p.rstrip("/").endswith(("site-packages", "dist-packages")) and os.path.realpath(p) != own
+        p for p in sys.path if p.rstrip("/").endswith(("site-packages", "dist-packages")) and os.path.realpath(p) != own
     ]
 
 
@@ -30,7 +30,9 @@ def _venv_seeing(path, site_dirs):
     python = os.path.join(path, "bin", "python")
     purelib = subprocess.run(
         [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     with open(os.path.join(purelib, "00-test-base.pth"), "w") as f:
         f.write("import site; " + "; ".join(f"site.addsitedir({d!r})" for d in site_dirs) + "\n")
@@ -42,18 +44,22 @@ def test_wheel_works_outside_the_source_tree(tmp_path):
     dist = tmp_path / "dist"
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(dist), REPO],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     (wheel,) = dist.glob("smca_d2-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for config in ("smca_single_scale_r50_50ep.py", "demo/smca_r18_synthetic.py", "common/train.py"):
         assert f"smca_d2/model_zoo/configs/{config}" in names
-    assert any(n.endswith(".dist-info/licenses/LICENSE") or n.endswith(".dist-info/LICENSE") for n in names)
+    assert any(n.endswith((".dist-info/licenses/LICENSE", ".dist-info/LICENSE")) for n in names)
 
     python, purelib = _venv_seeing(tmp_path / "venv", _other_site_dirs())
     subprocess.run(
         [python, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", str(wheel)],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     script = textwrap.dedent(
         f"""
@@ -92,7 +98,13 @@ def test_wheel_works_outside_the_source_tree(tmp_path):
 
 def test_missing_requirements_lists_only_what_is_absent(tmp_path):
     versions = {"numpy": "2.0.0", "fvcore": "0.1.6", "hydra-core": "1.3.2"}
-    requirements = ["numpy", "fvcore>=0.1.5,<0.1.6", "Hydra_Core>=1.1", "surely-not-installed>=1", "tqdm; python_version < '3'"]
+    requirements = [
+        "numpy",
+        "fvcore>=0.1.5,<0.1.6",
+        "Hydra_Core>=1.1",
+        "surely-not-installed>=1",
+        "tqdm; python_version < '3'",
+    ]
     missing, notes = missing_requirements.missing_requirements(requirements, versions)
     assert missing == ["surely-not-installed>=1"]
     assert notes == ["fvcore 0.1.6 is installed; smca-d2 asks for <0.1.6,>=0.1.5 (left as it is)"]
@@ -125,25 +137,34 @@ def test_system_site_bootstrap_leaves_installed_packages_alone(tmp_path):
 
     checkout = tmp_path / "checkout"
     files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, check=True, capture_output=True).stdout
-    archive = subprocess.run(["tar", "-C", REPO, "--null", "-T", "-", "-cf", "-"], input=files, check=True, capture_output=True).stdout
+    archive = subprocess.run(
+        ["tar", "-C", REPO, "--null", "-T", "-", "-cf", "-"], input=files, check=True, capture_output=True
+    ).stdout
     checkout.mkdir()
     subprocess.run(["tar", "-xf", "-", "-C", str(checkout)], input=archive, check=True)
 
     env = {**os.environ, "PYTHON": user_python, "SMCA_D2_SYSTEM_SITE": "1", "PIP_NO_INDEX": "1"}
     env.pop("DETECTRON2_SRC", None)
-    proc = subprocess.run(["bash", "scripts/bootstrap.sh"], cwd=checkout, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", "scripts/bootstrap.sh"], cwd=checkout, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "every requirement is already installed" in proc.stderr
 
     venv_python = str(checkout / ".venv" / "bin" / "python")
     out = subprocess.run(
         [venv_python, "-c", "import tabulate, smca_d2, detectron2; print(tabulate.__version__, smca_d2.__file__)"],
-        cwd=tmp_path, check=True, capture_output=True, text=True,
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.split()
     assert out[0] == "0.8.0" and out[1].startswith(str(checkout))
     venv_site = subprocess.run(
         [venv_python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     installed = sorted(n for n in os.listdir(venv_site) if n.endswith(".dist-info"))
     assert installed == [f"smca_d2-{smca_d2.__version__}.dist-info"], installed

@@ -1,4 +1,5 @@
 """The optimizer of the SMCA recipe (smca_d2/solver.py): parameter groups, AdamW with clipping."""
+
 import pytest
 import torch
 from torch import nn
@@ -40,11 +41,14 @@ def test_param_groups_equal_detectron2_lr_factor_func():
         pytest.skip("this detectron2 (v0.6) has no lr_factor_func")
     model = Net()
     upstream = get_default_optimizer_params(
-        model, base_lr=1e-4, weight_decay=1e-4, weight_decay_norm=1e-4,
+        model,
+        base_lr=1e-4,
+        weight_decay=1e-4,
+        weight_decay_norm=1e-4,
         lr_factor_func=lambda name: 0.1 if name.startswith("backbone.") else 1.0,
     )
     ours = param_groups(model, base_lr=1e-4, backbone_lr_factor=0.1)
-    per_tensor = lambda groups: {id(p): pytest.approx(g["lr"]) for g in groups for p in g["params"]}  # noqa: E731
+    per_tensor = lambda groups: {id(p): pytest.approx(g["lr"]) for g in groups for p in g["params"]}
     assert per_tensor(ours) == per_tensor(upstream)
     assert {g["weight_decay"] for g in upstream} == {1e-4}  # ours: the optimizer's weight_decay=1e-4
     assert len(ours) == 2
@@ -94,7 +98,7 @@ def test_grad_scaler_unscales_before_clipping():
     opt = AdamWWithClipping(scaled.parameters(), lr=1e-2)
     plain_opt = AdamWWithClipping(plain.parameters(), lr=1e-2)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    for step in range(2):
+    for _step in range(2):
         x = torch.randn(5, 4)
         plain.zero_grad()
         plain.head(plain.backbone(x)).square().sum().backward()

@@ -1,4 +1,5 @@
 """tools/analyze_model.py on every config; tools/convert_torchvision_resnet.py on a torchvision R50."""
+
 import contextlib
 import glob
 import io
@@ -8,14 +9,14 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_script
 from torch import nn
+
+from smca_d2.checkpoint import convert_torchvision_resnet
+from smca_d2.speedups.memory import glibc_malloc
 
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import LazyConfig, instantiate
-
-from conftest import load_script
-from smca_d2.checkpoint import convert_torchvision_resnet
-from smca_d2.speedups.memory import glibc_malloc
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
@@ -176,11 +177,20 @@ def test_benchmark_tool_writes_a_table_and_json(tmp_path):
     make_synthetic_coco(str(tmp_path / "data" / "synthetic"), num_train=6, num_val=3, seed=2)
     out = tmp_path / "bench.json"
     cmd = [
-        sys.executable, os.path.join(REPO, "tools", "benchmark.py"),
-        "--config-file", os.path.join(REPO, "configs", "demo", "smca_r18_synthetic.py"),
-        "--iters", "2", "--warmup", "1", "--output", str(out),
-        "dataloader.train.total_batch_size=2", "dataloader.train.num_workers=0",
-        "dataloader.test.num_workers=0", "model.transformer.decoder.num_layers=2",
+        sys.executable,
+        os.path.join(REPO, "tools", "benchmark.py"),
+        "--config-file",
+        os.path.join(REPO, "configs", "demo", "smca_r18_synthetic.py"),
+        "--iters",
+        "2",
+        "--warmup",
+        "1",
+        "--output",
+        str(out),
+        "dataloader.train.total_batch_size=2",
+        "dataloader.train.num_workers=0",
+        "dataloader.test.num_workers=0",
+        "model.transformer.decoder.num_layers=2",
     ]
     env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "data"), OMP_NUM_THREADS="2")
     run = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True)

@@ -1,4 +1,5 @@
 """train_net.py end to end on a tiny dataset: train -> checkpoint -> resume -> eval-only."""
+
 import json
 import os
 import subprocess
@@ -50,33 +51,49 @@ def test_train_checkpoint_resume_eval(tmp_path):
     assert "AP" in first.stdout + first.stderr
     if glibc_malloc():  # train.speedups.keep_freed_cpu_memory (default True) on the CPU
         assert "malloc keeps freed memory" in first.stdout + first.stderr
-    metrics = [json.loads(line) for line in open(out / "metrics.json")]
+    metrics = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     assert any("loss_class" in m for m in metrics)
 
     # Resumed with the moving average of the weights turned on: it starts from the resumed weights,
     # is evaluated, and saved next to them.
     ema = ["train.ema.enabled=True", "train.ema.decay=0.9"]
-    resumed = run_train_net(tmp_path, "--resume", *tiny_overrides(out), "train.max_iter=5", "train.eval_period=5",
-                            *ema, check=False)
+    resumed = run_train_net(
+        tmp_path, "--resume", *tiny_overrides(out), "train.max_iter=5", "train.eval_period=5", *ema, check=False
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Starting training from iteration 3" in resumed.stdout + resumed.stderr
     assert "Evaluating the averaged (EMA) weights, 2 updates" in resumed.stdout + resumed.stderr
-    train_iters = [m["iteration"] for m in map(json.loads, open(out / "metrics.json")) if "loss_class" in m]
+    train_iters = [
+        m["iteration"] for m in map(json.loads, (out / "metrics.json").read_text().splitlines()) if "loss_class" in m
+    ]
     assert max(train_iters) == 4  # iterations 0..4 of max_iter=5, the last two after the resume
     final = torch.load(out / "model_final.pth", weights_only=True)
     assert final["model_ema"].keys() == final["model"].keys()
     assert any(not torch.equal(v, final["model"][k]) for k, v in final["model_ema"].items())
 
-    evaluated = run_train_net(tmp_path, "--eval-only", *tiny_overrides(out), f"train.init_checkpoint={out}/model_final.pth",
-                              "train.speedups.keep_freed_cpu_memory=False", *ema, check=False)
+    evaluated = run_train_net(
+        tmp_path,
+        "--eval-only",
+        *tiny_overrides(out),
+        f"train.init_checkpoint={out}/model_final.pth",
+        "train.speedups.keep_freed_cpu_memory=False",
+        *ema,
+        check=False,
+    )
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "copypaste: AP,AP50" in evaluated.stdout + evaluated.stderr
     assert "Using the averaged (EMA) weights" in evaluated.stdout + evaluated.stderr
     assert "malloc keeps freed memory" not in evaluated.stdout + evaluated.stderr
     assert "meaningless" not in evaluated.stdout + evaluated.stderr  # a complete checkpoint
 
-    untrained = run_train_net(tmp_path, "--eval-only", *tiny_overrides(out), "train.init_checkpoint=",
-                              "train.speedups.keep_freed_cpu_memory=False", check=False)
+    untrained = run_train_net(
+        tmp_path,
+        "--eval-only",
+        *tiny_overrides(out),
+        "train.init_checkpoint=",
+        "train.speedups.keep_freed_cpu_memory=False",
+        check=False,
+    )
     assert untrained.returncode == 0, untrained.stderr[-3000:]
     assert "the detections will be meaningless" in untrained.stdout + untrained.stderr
 

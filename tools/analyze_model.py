@@ -16,6 +16,7 @@ is listed in the output (elementwise ops, by convention, and ops without a formu
 ``parameter``: total and trainable counts and ``fvcore.nn.parameter_count_table``.
 ``structure``: ``print(model)``.
 """
+
 import argparse
 import json
 import math
@@ -26,25 +27,60 @@ from collections import Counter
 from typing import Dict, List
 
 import torch
+from fvcore.nn import flop_count_table, parameter_count, parameter_count_table
+from fvcore.nn.jit_handles import get_shape
 from torch import nn
 
 import smca_d2  # noqa: F401  (compatibility fixes, registrations)
-from detectron2.config import instantiate
-from fvcore.nn import flop_count_table, parameter_count, parameter_count_table
-from fvcore.nn.jit_handles import get_shape
-
 from smca_d2.compat import flop_count_analysis
 from smca_d2.engine import load_config
 
+from detectron2.config import instantiate
+
 # Elementwise / reduction / indexing ops: not counted, by the usual convention (as in detectron2).
 ELEMENTWISE_OPS = {
-    "aten::abs", "aten::add", "aten::add_", "aten::argmax", "aten::argsort",
-    "aten::clamp_min", "aten::cos", "aten::cumsum", "aten::div", "aten::div_", "aten::exp",
-    "aten::fill_", "aten::log", "aten::log2", "aten::masked_fill_", "aten::max_pool2d",
-    "aten::meshgrid", "aten::minimum", "aten::maximum", "aten::mul", "aten::mul_", "aten::neg",
-    "aten::pad", "aten::pow", "aten::reciprocal", "aten::remainder", "aten::rsub", "aten::sigmoid",
-    "aten::sigmoid_", "aten::sin", "aten::softmax", "aten::sort", "aten::sqrt", "aten::square",
-    "aten::sub", "aten::topk", "aten::relu", "aten::relu_", "aten::rsqrt", "aten::lt", "aten::le", "aten::ne",
+    "aten::abs",
+    "aten::add",
+    "aten::add_",
+    "aten::argmax",
+    "aten::argsort",
+    "aten::clamp_min",
+    "aten::cos",
+    "aten::cumsum",
+    "aten::div",
+    "aten::div_",
+    "aten::exp",
+    "aten::fill_",
+    "aten::log",
+    "aten::log2",
+    "aten::masked_fill_",
+    "aten::max_pool2d",
+    "aten::meshgrid",
+    "aten::minimum",
+    "aten::maximum",
+    "aten::mul",
+    "aten::mul_",
+    "aten::neg",
+    "aten::pad",
+    "aten::pow",
+    "aten::reciprocal",
+    "aten::remainder",
+    "aten::rsub",
+    "aten::sigmoid",
+    "aten::sigmoid_",
+    "aten::sin",
+    "aten::softmax",
+    "aten::sort",
+    "aten::sqrt",
+    "aten::square",
+    "aten::sub",
+    "aten::topk",
+    "aten::relu",
+    "aten::relu_",
+    "aten::rsqrt",
+    "aten::lt",
+    "aten::le",
+    "aten::ne",
     "aten::where",
 }
 
@@ -88,7 +124,7 @@ def count_flops(model: nn.Module, size, num_inputs: int = 1, seed: int = 0, max_
         )
         if not table:
             table = flop_count_table(analysis, max_depth=max_depth)
-    mean = lambda c: {k: v / num_inputs for k, v in sorted(c.items(), key=lambda kv: -kv[1])}  # noqa: E731
+    mean = lambda c: {k: v / num_inputs for k, v in sorted(c.items(), key=lambda kv: -kv[1])}
     return {
         "total": sum(totals) / num_inputs,
         "by_operator": mean(by_operator),
@@ -119,7 +155,10 @@ def get_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, metavar="FILE", help="LazyConfig file")
     parser.add_argument(
-        "--tasks", nargs="+", choices=["flop", "parameter", "structure"], default=["flop", "parameter"],
+        "--tasks",
+        nargs="+",
+        choices=["flop", "parameter", "structure"],
+        default=["flop", "parameter"],
         help="what to report (default: flop parameter)",
     )
     parser.add_argument("--num-inputs", type=int, default=1, help="random images to average FLOPs over (1)")

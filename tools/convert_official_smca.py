@@ -14,6 +14,7 @@ keeps the class rows of the 80 COCO categories in Detectron2's contiguous order;
 the official rows (set ``model.num_classes`` to match). Unless ``--no-check``, the result is
 checked against the model built from ``--config`` (every parameter and buffer, with its shape).
 """
+
 import argparse
 import os
 import sys
@@ -21,13 +22,13 @@ import sys
 import torch
 
 import smca_d2  # noqa: F401  (detectron2 compatibility fixes)
-from smca_d2.model_zoo import resolve_config_file
 from smca_d2.checkpoint import (
     UnsafeCheckpointError,
     check_complete,
     convert_official_state_dict,
     load_official_checkpoint,
 )
+from smca_d2.model_zoo import resolve_config_file
 
 AUTHOR = "smca_d2 convert_official_smca"
 DEFAULT_CONFIG = "smca_single_scale_r50_50ep.py"  # a name of smca_d2.model_zoo
@@ -46,11 +47,15 @@ def parse_args(argv=None):
     parser.add_argument("--input", required=True, help="official checkpoint (.pth)")
     parser.add_argument("--output", required=True, help="Detectron2 checkpoint to write (.pth)")
     parser.add_argument(
-        "--num-classes", type=int, default=80, choices=(80, 91, 92),
+        "--num-classes",
+        type=int,
+        default=80,
+        choices=(80, 91, 92),
         help="80: COCO classes in Detectron2's contiguous order (default); 91/92: official rows",
     )
     parser.add_argument(
-        "--config", default=DEFAULT_CONFIG,
+        "--config",
+        default=DEFAULT_CONFIG,
         help="smca_d2 config whose model the result is checked against (default: %(default)s)",
     )
     parser.add_argument("--no-check", action="store_true", help="do not build the model to check the result")

@@ -12,6 +12,7 @@
 ``--config``, the result is checked against that config's backbone (every key present, shapes
 equal). See ``smca_d2/checkpoint/torchvision_resnet.py``.
 """
+
 import argparse
 import os
 import pickle
@@ -20,11 +21,11 @@ import sys
 import torch
 
 import smca_d2  # noqa: F401  (detectron2 compatibility fixes)
-from smca_d2.model_zoo import resolve_config_file
 from smca_d2.checkpoint.torchvision_resnet import (
     convert_torchvision_resnet,
     load_torchvision_state_dict,
 )
+from smca_d2.model_zoo import resolve_config_file
 
 AUTHOR = "smca_d2 convert_torchvision_resnet"
 

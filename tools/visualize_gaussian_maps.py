@@ -11,6 +11,7 @@ last) and its head-averaged co-attention ``softmax(logits + log G)``, with the p
 the query's center. Queries: ``--queries 3 17 ...`` or the ``--topk`` highest scoring ones.
 See ``smca_d2/inference/gaussian_maps.py``.
 """
+
 import argparse
 import os
 import sys
@@ -19,11 +20,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import smca_d2  # noqa: E402,F401  (compatibility fixes, registrations)
-from detectron2.data.detection_utils import read_image  # noqa: E402
+import smca_d2  # noqa: F401  (compatibility fixes, registrations)
+from smca_d2.inference import LazyPredictor, collect_inputs
+from smca_d2.inference.gaussian_maps import compute_smca_maps, save_smca_maps
 
-from smca_d2.inference import LazyPredictor, collect_inputs  # noqa: E402
-from smca_d2.inference.gaussian_maps import compute_smca_maps, save_smca_maps  # noqa: E402
+from detectron2.data.detection_utils import read_image
 
 
 def get_parser():

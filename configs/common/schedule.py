@@ -1,7 +1,8 @@
 # Step schedules: lr x0.1 after a fraction of the iterations, counted in iterations or in epochs
 # (COCO train2017: 117,266 images with annotations).
-from detectron2.config import LazyCall as L
 from fvcore.common.param_scheduler import MultiStepParamScheduler
+
+from detectron2.config import LazyCall as L
 
 COCO_TRAIN_IMAGES = 117266
 

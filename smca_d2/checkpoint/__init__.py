@@ -7,6 +7,7 @@ official checkpoint safely (``weights_only=True``, ``argparse.Namespace`` allowe
 ``check_complete`` compares a converted state dict with a model. ``tools/convert_official_smca.py``
 writes a Detectron2 checkpoint usable as ``train.init_checkpoint``.
 """
+
 from .official import (
     COCO_NUM_CLASS_SLOTS,
     CompletenessReport,
@@ -46,4 +47,4 @@ __all__ = [
     "convert_official_state_dict",
     "load_official_checkpoint",
 ]
-from .torchvision_resnet import convert_torchvision_resnet  # noqa: E402,F401
+from .torchvision_resnet import convert_torchvision_resnet  # noqa: F401

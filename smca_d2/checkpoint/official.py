@@ -16,6 +16,7 @@ or a bare ``{"model": state_dict}``, with ``torch.load(weights_only=True)``: the
 type it lets through is ``argparse.Namespace`` (the official ``args``); a file that would run code
 while unpickling is refused.
 """
+
 import argparse
 import pickle
 import re
@@ -97,6 +98,7 @@ def coco_contiguous_category_ids() -> List[int]:
     and the order in which ``load_coco_json`` numbers the categories (sorted ids).
     """
     import smca_d2  # noqa: F401  (detectron2 compatibility fixes before importing detectron2.data)
+
     from detectron2.data.datasets.builtin_meta import COCO_CATEGORIES
 
     ids = sorted(c["id"] for c in COCO_CATEGORIES if c.get("isthing", 0) == 1)
@@ -172,7 +174,7 @@ def convert_official_state_dict(
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module.") :]: v for k, v in sd.items()}
 
-    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
     unknown: List[str] = []
     for key, value in sd.items():
         if not isinstance(value, torch.Tensor):
@@ -312,8 +314,8 @@ def load_official_checkpoint(path: str) -> Dict[str, torch.Tensor]:
     checkpoint = _load_weights_only(str(path))
     if isinstance(checkpoint, Mapping) and "model" in checkpoint:
         state_dict = checkpoint["model"]
-    elif isinstance(checkpoint, Mapping) and checkpoint and all(
-        isinstance(v, torch.Tensor) for v in checkpoint.values()
+    elif (
+        isinstance(checkpoint, Mapping) and checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values())
     ):
         state_dict = checkpoint
     else:

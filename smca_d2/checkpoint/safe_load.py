@@ -26,6 +26,7 @@ are skipped (they keep the model's freshly initialised values), as in detectron2
 one summary naming every such tensor; with ``strict=True`` (``train.strict_load=True``, and always
 when resuming) any mismatch, missing or unexpected tensor is an error.
 """
+
 import io
 import logging
 import os
@@ -349,7 +350,8 @@ class SafeCheckpointer(DetectionCheckpointer):
             raise CheckpointUnavailableError(
                 f"could not fetch the checkpoint {path} ({type(e).__name__}: {e}). Download it where "
                 "there is network access and pass the local file instead, e.g. "
-                "train.init_checkpoint=/path/to/" + os.path.basename(urlparse(path).path)
+                "train.init_checkpoint=/path/to/"
+                + os.path.basename(urlparse(path).path)
                 + ' (or train.init_checkpoint="" for random initial weights).'
             ) from None
         if not os.path.isfile(local):
@@ -426,7 +428,9 @@ class SafeCheckpointer(DetectionCheckpointer):
     def _log_incompatible_keys(self, incompatible) -> None:
         from fvcore.common.checkpoint import _filter_reused_missing_keys
 
-        missing = _filter_reused_missing_keys(self.model, incompatible.missing_keys) if incompatible.missing_keys else []
+        missing = (
+            _filter_reused_missing_keys(self.model, incompatible.missing_keys) if incompatible.missing_keys else []
+        )
         shapes = list(incompatible.incorrect_shapes)
         missing = [k for k in missing if k not in {name for name, _, _ in shapes}]
         unexpected = list(incompatible.unexpected_keys)
@@ -442,11 +446,17 @@ class SafeCheckpointer(DetectionCheckpointer):
             )
             lines += [f"    {k}: checkpoint {list(a)} vs model {list(b)}" for k, a, b in shapes]
         if missing:
-            lines.append(f"{len(missing)} tensor(s) of the model are not in the checkpoint and keep their initial values:")
-            lines += [f"    {k}" for k in missing[:50]] + ([f"    ... and {len(missing) - 50} more"] if len(missing) > 50 else [])
+            lines.append(
+                f"{len(missing)} tensor(s) of the model are not in the checkpoint and keep their initial values:"
+            )
+            lines += [f"    {k}" for k in missing[:50]] + (
+                [f"    ... and {len(missing) - 50} more"] if len(missing) > 50 else []
+            )
         if unexpected:
             lines.append(f"{len(unexpected)} tensor(s) of the checkpoint are not used by the model:")
-            lines += [f"    {k}" for k in unexpected[:50]] + ([f"    ... and {len(unexpected) - 50} more"] if len(unexpected) > 50 else [])
+            lines += [f"    {k}" for k in unexpected[:50]] + (
+                [f"    ... and {len(unexpected) - 50} more"] if len(unexpected) > 50 else []
+            )
         summary = "\n".join(lines)
         if self._strict_now:
             if self._resuming:

@@ -22,6 +22,7 @@ features as torchvision's model in eval mode. The result is a Detectron2 checkpo
 (``{"model": ..., "__author__": ...}``) that ``DetectionCheckpointer`` loads by exact key names
 (no matching heuristics), e.g. as ``train.init_checkpoint``.
 """
+
 import re
 from collections import OrderedDict
 from typing import Dict, Mapping, Optional, Tuple

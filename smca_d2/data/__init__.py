@@ -8,6 +8,7 @@ structure), ``annotations`` (boxes clipped or dropped), ``images`` (reading imag
 (``build_resumable_train_loader``), ``datasets`` (registration), ``transforms`` (DETR's
 augmentations), ``synthetic`` and ``deepforest`` (dataset generators).
 """
+
 from .dataset_dicts import validated_dataset_dicts
 from .dataset_files import check_dataset_files
 from .errors import DatasetNotFoundError, DatasetValidationError

@@ -1,4 +1,5 @@
 """Boxes that cannot be trained on: clipped to their image or dropped, with logged counts."""
+
 import logging
 import math
 import os
@@ -53,7 +54,9 @@ def sanitize_annotations(dataset_dicts: List[Dict], dataset_name: str = "", num_
         kept = []
         for ann in annotations:
             category = ann.get("category_id")
-            if num_classes is not None and not (isinstance(category, (int, np.integer)) and 0 <= category < num_classes):
+            if num_classes is not None and not (
+                isinstance(category, (int, np.integer)) and 0 <= category < num_classes
+            ):
                 problems.append(f"{record.get('file_name')}: category_id {category!r} is not in [0, {num_classes})")
             reason, new_box = _check_box(ann, height, width)
             if reason is not None:

@@ -1,4 +1,5 @@
 """Structural checks of a COCO instances json, before detectron2 loads it."""
+
 import json
 import logging
 from collections import Counter, defaultdict
@@ -60,7 +61,9 @@ def validate_coco_json(json_file: str, dataset_name: Optional[str] = None) -> Di
     for img in images:
         h, w = img.get("height"), img.get("width")
         if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
-            problems.append(f"image id {img.get('id')} ({img.get('file_name')}): height={h!r}, width={w!r} (need positive integers)")
+            problems.append(
+                f"image id {img.get('id')} ({img.get('file_name')}): height={h!r}, width={w!r} (need positive integers)"
+            )
         if not img.get("file_name"):
             problems.append(f"image id {img.get('id')}: no file_name")
 
@@ -83,7 +86,9 @@ def validate_coco_json(json_file: str, dataset_name: Optional[str] = None) -> Di
             orphans += 1
         bbox = ann.get("bbox")
         if bbox is not None and not (isinstance(bbox, list) and len(bbox) == 4 and all(map(_is_number, bbox))):
-            problems.append(f"annotation id {ann.get('id')} (image id {ann.get('image_id')}): bbox {bbox!r} is not four numbers")
+            problems.append(
+                f"annotation id {ann.get('id')} (image id {ann.get('image_id')}): bbox {bbox!r} is not four numbers"
+            )
     for cat, ann_ids in sorted(unknown.items(), key=lambda kv: str(kv[0])):
         problems.append(
             f"category_id {cat!r} is not in 'categories' (known: {sorted(category_ids, key=str)}); "

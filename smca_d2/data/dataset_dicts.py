@@ -17,6 +17,7 @@ In a LazyConfig::
 
     dataloader.train.dataset = L(validated_dataset_dicts)(names="my_train", verify_images=True)
 """
+
 import itertools
 import logging
 from typing import Dict, List, Optional, Sequence
@@ -104,7 +105,9 @@ def validated_dataset_dicts(
         before = len(dataset_dicts)
         dataset_dicts = filter_images_with_only_crowd_annotations(dataset_dicts)
         if before != len(dataset_dicts):
-            logger.info(f"{before - len(dataset_dicts)} of {before} images have no usable box and are not used for training.")
+            logger.info(
+                f"{before - len(dataset_dicts)} of {before} images have no usable box and are not used for training."
+            )
     if min_keypoints > 0 and has_instances:
         dataset_dicts = filter_images_with_few_keypoints(dataset_dicts, min_keypoints)
     if check_consistency and has_instances:

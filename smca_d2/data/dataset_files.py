@@ -1,5 +1,6 @@
 """Fail early when a dataset is not registered or its json file / image folder is missing, saying
 how to prepare it."""
+
 import difflib
 import os
 

@@ -12,6 +12,7 @@ set of the convergence benchmark; the generator draws each image from its own se
 the 800 images of a dataset generated with ``--num-train 800``). It is for training: COCOEvaluator
 builds its ground truth from the dataset's dicts.
 """
+
 import functools
 import os
 
@@ -46,9 +47,7 @@ def register_prepared_datasets(root: str = None) -> None:
     for name, (folder, images, annotations) in _PREPARED.items():
         if name in DatasetCatalog.list():
             continue
-        register_coco_instances(
-            name, {}, os.path.join(root, folder, annotations), os.path.join(root, folder, images)
-        )
+        register_coco_instances(name, {}, os.path.join(root, folder, annotations), os.path.join(root, folder, images))
     for name, (parent, count) in _SUBSETS.items():
         if name in DatasetCatalog.list():
             continue

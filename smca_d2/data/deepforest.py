@@ -19,6 +19,7 @@ Example:
     >>> from smca_d2.data.deepforest import prepare_deepforest
     >>> paths = prepare_deepforest("datasets/deepforest")  # downloads the wheel with pip
 """
+
 import io
 import json
 import math
@@ -173,9 +174,7 @@ def _annotation(ann_id: int, image_id: int, box: Sequence[float]) -> dict:
     }
 
 
-def _clip_to_window(
-    boxes: np.ndarray, window: Sequence[int], min_visible: float, min_size: float
-) -> np.ndarray:
+def _clip_to_window(boxes: np.ndarray, window: Sequence[int], min_visible: float, min_size: float) -> np.ndarray:
     """Boxes clipped to ``window = (x0, y0, x1, y1)``, in window coordinates.
 
     Boxes with less than ``min_visible`` of their area inside, or narrower or lower than
@@ -210,9 +209,7 @@ class _Split:
     def add(self, image: Image.Image, file_name: str, boxes: np.ndarray, **extra) -> None:
         image.save(os.path.join(self.image_dir, file_name), compress_level=1)
         image_id = len(self.images) + 1
-        self.images.append(
-            {"id": image_id, "file_name": file_name, "height": image.height, "width": image.width}
-        )
+        self.images.append({"id": image_id, "file_name": file_name, "height": image.height, "width": image.width})
         self.images[-1].update(extra)
         for box in boxes:
             self.annotations.append(_annotation(len(self.annotations) + 1, image_id, box))
@@ -325,9 +322,7 @@ def _convert(
         window = (0, 0, image.width, image.height)
         val.add(image, f"{stem}.png", _clip_to_window(boxes, window, 0.0, 1e-6), source=stem)
 
-    license_names = [
-        n for n in wheel.namelist() if ".dist-info/" in n and os.path.basename(n) == "LICENSE"
-    ]
+    license_names = [n for n in wheel.namelist() if ".dist-info/" in n and os.path.basename(n) == "LICENSE"]
     if license_names:
         with open(os.path.join(output_dir, _LICENSE_FILE), "wb") as f:
             f.write(wheel.read(license_names[0]))

@@ -1,4 +1,5 @@
 """The errors of dataset validation, and the format of their messages."""
+
 from typing import Sequence
 
 __all__ = ["DatasetNotFoundError", "DatasetValidationError", "format_problems"]

@@ -1,5 +1,6 @@
 """Checks that every image file of a dataset exists, opens, is not truncated and has the size its
 record says."""
+
 import concurrent.futures
 import itertools
 import logging
@@ -35,12 +36,11 @@ def _check_one_image(record: Dict, verify: bool) -> Optional[str]:
     if not os.path.isfile(file_name) and not PathManager.isfile(file_name):
         return f"{file_name}: file not found"
     try:
-        with PathManager.open(file_name, "rb") as f:
-            with Image.open(f) as image:
-                width, height = image.size
-                if verify or _tail_looks_truncated(f, image.format):
-                    image.load()  # full decode: raises on truncated or corrupt data
-                orientation = exif_orientation(image)
+        with PathManager.open(file_name, "rb") as f, Image.open(f) as image:
+            width, height = image.size
+            if verify or _tail_looks_truncated(f, image.format):
+                image.load()  # full decode: raises on truncated or corrupt data
+            orientation = exif_orientation(image)
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
         return f"{file_name}: cannot read the image ({type(e).__name__}: {e})"
     stored = (height, width)
@@ -62,8 +62,9 @@ def _check_one_image(record: Dict, verify: bool) -> Optional[str]:
     return None
 
 
-def check_image_files(dataset_dicts: Sequence[Dict], dataset_name: str = "", *, verify: bool = False,
-                      num_threads: int = 8) -> None:
+def check_image_files(
+    dataset_dicts: Sequence[Dict], dataset_name: str = "", *, verify: bool = False, num_threads: int = 8
+) -> None:
     """Check that every image exists, can be opened, is not truncated and has the size the json
     says. Only headers are read (plus a look at the file's last bytes, which catches JPEG and PNG
     files cut short); ``verify=True`` decodes every image in full.
@@ -93,4 +94,6 @@ def check_image_files(dataset_dicts: Sequence[Dict], dataset_name: str = "", *, 
             ),
             problems,
         )
-    logger.info(f"Dataset '{dataset_name}': checked {len(records)} image files" + (" (full decode)." if verify else "."))
+    logger.info(
+        f"Dataset '{dataset_name}': checked {len(records)} image files" + (" (full decode)." if verify else ".")
+    )

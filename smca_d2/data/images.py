@@ -6,6 +6,7 @@ composites transparent pixels (RGBA, LA, palette with transparency) over white i
 showing whatever colour the file stores under them. :func:`image_size` gives the size it would
 return from the file's header alone.
 """
+
 from typing import Optional, Tuple
 
 import numpy as np
@@ -24,11 +25,10 @@ TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 def image_size(file_name: str) -> Tuple[int, int]:
     """(height, width) of an image as :func:`read_image` returns it (EXIF orientation applied),
     reading only the file's header."""
-    with PathManager.open(file_name, "rb") as f:
-        with Image.open(f) as image:
-            width, height = image.size
-            if exif_orientation(image) in TRANSPOSING_ORIENTATIONS:
-                width, height = height, width
+    with PathManager.open(file_name, "rb") as f, Image.open(f) as image:
+        width, height = image.size
+        if exif_orientation(image) in TRANSPOSING_ORIENTATIONS:
+            width, height = height, width
     return height, width
 
 

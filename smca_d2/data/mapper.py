@@ -1,4 +1,5 @@
 """A ``DatasetMapper`` that survives an image it cannot read."""
+
 import copy
 import logging
 

@@ -19,6 +19,7 @@ re-seeds the model's random numbers each iteration) a run resumed from a checkpo
 same weights as one that was never interrupted (bit for bit on the CPU; on a GPU up to the
 non-determinism of its kernels).
 """
+
 import contextlib
 import itertools
 import logging

@@ -16,6 +16,7 @@ Example:
     >>> paths["train_json"]
     'datasets/synthetic/annotations/train.json'
 """
+
 import json
 import multiprocessing
 import os
@@ -77,9 +78,7 @@ def _contrasting_colour(rng: np.random.Generator, reference: np.ndarray) -> np.n
     return colour.astype(np.float32)
 
 
-def _shape_texture(
-    category: int, mask: np.ndarray, background: np.ndarray, rng: np.random.Generator
-) -> np.ndarray:
+def _shape_texture(category: int, mask: np.ndarray, background: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Colours (``h x w x 3`` float) of an object; textured classes get two colours."""
     h, w = mask.shape
     first = _contrasting_colour(rng, background)
@@ -121,9 +120,7 @@ def _background(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(image)
 
 
-def render_image(
-    height: int, width: int, rng: np.random.Generator
-) -> Tuple[np.ndarray, List[Tuple[int, List[int]]]]:
+def render_image(height: int, width: int, rng: np.random.Generator) -> Tuple[np.ndarray, List[Tuple[int, List[int]]]]:
     """Render one image and its objects.
 
     Args:
@@ -224,9 +221,7 @@ def _write_split(
         "licenses": [],
         "images": images,
         "annotations": annotations,
-        "categories": [
-            {"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASS_NAMES)
-        ],
+        "categories": [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASS_NAMES)],
     }
     json_path = os.path.join(root, "annotations", f"{split}.json")
     with open(json_path, "w") as f:
@@ -276,8 +271,7 @@ def make_synthetic_coco(
     image_size = tuple(int(s) for s in image_size)
     if len(image_size) != 2 or size_jitter < 0 or min(image_size) - size_jitter < _MAX_SIZE:
         raise ValueError(
-            f"image sides must be at least {_MAX_SIZE} px: "
-            f"got image_size={image_size}, size_jitter={size_jitter}"
+            f"image sides must be at least {_MAX_SIZE} px: got image_size={image_size}, size_jitter={size_jitter}"
         )
     if workers is None:
         workers = min(os.cpu_count() or 1, 8)

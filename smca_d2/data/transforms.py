@@ -1,4 +1,5 @@
 """Augmentations missing from detectron2.data.transforms."""
+
 from collections import abc
 from typing import List, Sequence, Union
 
@@ -18,9 +19,7 @@ class RandomChoice(T.Augmentation):
         if not choices:
             raise ValueError("RandomChoice needs at least one choice")
         # A choice is one augmentation or a sequence of them (a ListConfig when instantiated).
-        self.choices = [
-            T.AugmentationList(list(c) if isinstance(c, abc.Sequence) else [c]) for c in choices
-        ]
+        self.choices = [T.AugmentationList(list(c) if isinstance(c, abc.Sequence) else [c]) for c in choices]
 
     def __call__(self, aug_input) -> T.Transform:
         return self.choices[np.random.randint(len(self.choices))](aug_input)

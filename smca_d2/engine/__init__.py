@@ -1,4 +1,5 @@
 """Checks and helpers used by train_net.py."""
+
 from .amp import AMPTrainer, amp_dtype
 from .checks import check_device, check_num_classes
 from .config import (

@@ -10,11 +10,13 @@ matcher and losses stay in float32 (see :mod:`smca_d2.modeling.attention` and th
 float16 on CUDA and bfloat16 on the CPU. float16 losses are scaled by a ``GradScaler``
 (saved in the checkpoints as ``"grad_scaler"``); bfloat16 has float32's range and needs none.
 """
+
 import logging
 import time
 from typing import Optional
 
 import torch
+
 from detectron2.engine import SimpleTrainer
 
 __all__ = ["AMPTrainer", "amp_dtype"]

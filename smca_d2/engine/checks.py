@@ -1,4 +1,5 @@
 """Configuration checks that run before any work, with messages that say what to change."""
+
 from typing import List, Tuple
 
 import torch
@@ -63,6 +64,4 @@ def check_num_classes(cfg) -> None:
 
 def check_device(device: str) -> None:
     if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"train.device={device} but no CUDA device is available; pass train.device=cpu."
-        )
+        raise RuntimeError(f"train.device={device} but no CUDA device is available; pass train.device=cpu.")

@@ -14,6 +14,7 @@
   (e.g. ``dataloader.train.aspect_ratio_grouping``); ``+key=value`` adds a new key on purpose;
 * :func:`check_config_datasets` fails before any work if a dataset's files are missing.
 """
+
 import copy
 import difflib
 import inspect
@@ -23,9 +24,9 @@ from typing import Any, Iterable, List, NamedTuple, Optional, Sequence, Set
 
 from omegaconf import DictConfig, ListConfig
 
-from detectron2.config import LazyConfig
-
 from smca_d2.speedups import DEFAULT_SPEEDUPS
+
+from detectron2.config import LazyConfig
 
 __all__ = [
     "DATA_REPLACEMENTS",
@@ -214,7 +215,7 @@ def _key_exists(cfg, key: str) -> bool:
 
 def _all_keys(node, prefix: str = "") -> Iterable[str]:
     if isinstance(node, DictConfig):
-        keys = [str(k) for k in node.keys()]
+        keys = [str(k) for k in node]
         if "_target_" in node:
             params = _signature_params(node._get_node("_target_")._value()) or set()
             keys = sorted(set(keys) | params)
@@ -259,7 +260,8 @@ def check_override_keys(cfg, overrides: Sequence[str]) -> None:
             close = _suggestions(cfg, key)
             lines.append(f"  {key}" + (f"  (did you mean: {', '.join(close)}?)" if close else ""))
         raise UnknownConfigKeyError(
-            f"{len(unknown)} override(s) name keys that are not in the config:\n" + "\n".join(lines)
+            f"{len(unknown)} override(s) name keys that are not in the config:\n"
+            + "\n".join(lines)
             + "\nOverriding them would add new keys that nothing reads. Fix the spelling, or write "
             "+key=value to add a key on purpose."
         )

@@ -15,6 +15,7 @@ With ``train.ema.enabled=True``, train_net.py
 * loads them for ``--eval-only`` and for :class:`smca_d2.inference.LazyPredictor` (see
   :func:`use_ema_weights`).
 """
+
 import contextlib
 from typing import Dict, Iterator, List
 

@@ -1,4 +1,5 @@
 """Training hooks: stop cleanly on a non-finite loss; make each iteration reproducible on resume."""
+
 import logging
 import math
 import random
@@ -8,10 +9,10 @@ from typing import Optional
 import numpy as np
 import torch
 
+from smca_d2.data.resumable_loader import sample_seed
+
 from detectron2.engine import HookBase
 from detectron2.utils import comm
-
-from smca_d2.data.resumable_loader import sample_seed
 
 __all__ = ["DeterministicSteps", "NonFiniteLossCheck", "NonFiniteLossError"]
 

@@ -7,6 +7,7 @@ export.
     from smca_d2.inference.gaussian_maps import compute_smca_maps, save_smca_maps
     from smca_d2.inference.export import export_program
 """
+
 from .demo import collect_inputs, draw_instances, filter_instances, instances_to_json, run_on_image, run_on_video
 from .predictor import (
     LazyPredictor,

@@ -6,6 +6,7 @@ Usage::
     instances, drawing = run_on_image(predictor, read_image("photo.jpg", format="BGR"))
     json.dump(instances_to_json(instances, predictor.class_names), open("photo.json", "w"))
 """
+
 import glob
 import os
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -101,9 +102,7 @@ def instances_to_json(instances: Instances, class_names: Optional[Sequence[str]]
     """
     instances = instances.to("cpu")
     classes = [int(c) for c in instances.pred_classes.tolist()]
-    names = [
-        class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c) for c in classes
-    ]
+    names = [class_names[c] if class_names is not None and 0 <= c < len(class_names) else str(c) for c in classes]
     return {
         **extra,
         "image_size": list(instances.image_size),

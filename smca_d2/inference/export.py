@@ -30,6 +30,7 @@ Usage::
     boxes, scores, classes = program.module()(image_chw_float)
     torch.export.save(program, "smca.pt2")
 """
+
 import importlib.util
 from typing import Optional, Tuple
 

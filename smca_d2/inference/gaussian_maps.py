@@ -29,6 +29,7 @@ Usage::
     maps = compute_smca_maps(predictor, cv2.imread("photo.jpg"), topk=5)
     save_smca_maps(maps, "gaussian_maps/")
 """
+
 import contextlib
 import inspect
 import math
@@ -97,8 +98,7 @@ def attention_probabilities(attn, query, key, biases, level_sizes) -> List[torch
     k = attn._heads(F.linear(key, w[c : 2 * c], b[c : 2 * c])).float()
     logits = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     return [
-        (logits_l + bias.float()).softmax(-1)
-        for logits_l, bias in zip(logits.split(list(level_sizes), dim=-1), biases)
+        (logits_l + bias.float()).softmax(-1) for logits_l, bias in zip(logits.split(list(level_sizes), dim=-1), biases)
     ]
 
 

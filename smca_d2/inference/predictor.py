@@ -13,6 +13,7 @@ Loading weights for inference also checks that the checkpoint holds weights for 
 when parts of the model keep their random initialisation, e.g. with a backbone-only
 (ImageNet-pretrained) checkpoint.
 """
+
 import json
 import logging
 import os
@@ -22,16 +23,16 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from smca_d2.checkpoint import SafeCheckpointer
+from smca_d2.engine.config import load_config
+from smca_d2.engine.ema import use_ema_weights
+from smca_d2.speedups import apply_speedups
+
 from detectron2.config import instantiate
 from detectron2.data import MetadataCatalog
 from detectron2.data import transforms as T
 from detectron2.data.catalog import Metadata
 from detectron2.structures import Instances
-
-from smca_d2.checkpoint import SafeCheckpointer
-from smca_d2.engine.config import load_config
-from smca_d2.engine.ema import use_ema_weights
-from smca_d2.speedups import apply_speedups
 
 __all__ = [
     "LazyPredictor",
@@ -295,9 +296,7 @@ class LazyPredictor:
             checkpoint = _select(self.cfg, "train.init_checkpoint", "") or ""
         self.checkpoint = checkpoint
         if checkpoint:
-            self.missing_weights = load_inference_weights(
-                self.model, checkpoint, ema_weights=use_ema_weights(self.cfg)
-            )
+            self.missing_weights = load_inference_weights(self.model, checkpoint, ema_weights=use_ema_weights(self.cfg))
         else:
             self.missing_weights = list(self.model.state_dict().keys())
             logger.warning(

@@ -9,5 +9,6 @@ Names are paths relative to the ``configs/`` folder of the source tree (shipped 
 package): ``smca_multi_scale_r50_50ep.py``, ``demo/smca_r18_synthetic.py``, ...;
 :func:`available_configs` lists them.
 """
-from .model_zoo import *  # noqa: F401,F403
+
+from .model_zoo import *  # noqa: F403
 from .model_zoo import __all__  # noqa: F401

@@ -3,6 +3,7 @@
 The configs are package data (``smca_d2/model_zoo/configs``, the source tree's ``configs/``
 copied or linked there by ``setup.py``), so they can be used wherever smca-d2 is installed.
 """
+
 import difflib
 import logging
 import os
@@ -72,7 +73,7 @@ def available_configs() -> List[str]:
 def _config_name(config_path: str) -> str:
     name = config_path.replace(os.sep, "/")
     if name.startswith("configs/"):
-        name = name[len("configs/"):]
+        name = name[len("configs/") :]
     return name if name.endswith(".py") else name + ".py"
 
 
@@ -94,7 +95,8 @@ def get_config_file(config_path: str) -> str:
     raise ConfigNotFoundError(
         f"{config_path!r} is not a config of the smca_d2 model zoo"
         + (f" (did you mean {', '.join(close)}?)" if close else "")
-        + ". Available configs:\n" + "\n".join(f"  {n}" for n in available)
+        + ". Available configs:\n"
+        + "\n".join(f"  {n}" for n in available)
     )
 
 
@@ -162,9 +164,9 @@ def get(config_path: str, trained: bool = False, device: Optional[str] = None) -
     the model keeps its random initialisation and a warning says how to pass a local copy;
     with ``trained=True`` that is an error.
     """
-    from detectron2.config import instantiate
-
     from smca_d2.checkpoint import CheckpointUnavailableError, SafeCheckpointer
+
+    from detectron2.config import instantiate
 
     cfg = get_config(config_path, trained)
     if device is None:

@@ -1,4 +1,5 @@
 """SMCA-DETR modeling: meta-architecture, encoders, modulated decoder, matcher, criterion."""
+
 from .attention import SpatiallyModulatedCoAttention, gaussian_log_weights
 from .criterion import SetCriterion, sigmoid_focal_loss
 from .decoder import SMCA_DECODER_REGISTRY, DecoderLayer, SMCADecoder
@@ -8,4 +9,19 @@ from .meta_arch import SMCADETR
 from .position_encoding import PositionEmbeddingSine
 from .transformer import SMCATransformer
 
-__all__ = [k for k in globals().keys() if not k.startswith("_")]
+__all__ = [
+    "SMCADETR",
+    "SMCATransformer",
+    "SingleScaleEncoder",
+    "MultiScaleEncoder",
+    "SMCA_ENCODER_REGISTRY",
+    "SMCADecoder",
+    "DecoderLayer",
+    "SMCA_DECODER_REGISTRY",
+    "SpatiallyModulatedCoAttention",
+    "gaussian_log_weights",
+    "PositionEmbeddingSine",
+    "HungarianMatcher",
+    "SetCriterion",
+    "sigmoid_focal_loss",
+]

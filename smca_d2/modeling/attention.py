@@ -11,6 +11,7 @@ feature cells of that level. The bias is built once per layer and level, directl
 read and changed like the paper's equations. (:mod:`smca_d2.speedups.dropout` can swap in an
 ``attend`` with cheaper CPU dropout masks for training; the model does not depend on it.)
 """
+
 from typing import List, Optional
 
 import torch
@@ -80,7 +81,10 @@ def padding_bias(key_padding_mask: Optional[torch.Tensor], num_queries: int) -> 
     if key_padding_mask is None:
         return None
     bias = torch.zeros(
-        key_padding_mask.shape[0], 1, num_queries, key_padding_mask.shape[1],
+        key_padding_mask.shape[0],
+        1,
+        num_queries,
+        key_padding_mask.shape[1],
         device=key_padding_mask.device,
     )
     return bias.masked_fill_(key_padding_mask[:, None, None, :], float("-inf"))

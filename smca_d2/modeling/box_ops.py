@@ -15,6 +15,7 @@ Here the areas of unions and enclosing boxes are clamped from below with a small
 (the official values) for every box with an area above ``eps``, finite values and gradients for
 degenerate ones.
 """
+
 from typing import Tuple
 
 import torch
@@ -96,13 +97,9 @@ def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
         )
     area1 = box_area(boxes1)
     area2 = box_area(boxes2)
-    inter_wh = (
-        torch.min(boxes1[:, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, :2], boxes2[:, :2])
-    ).clamp(min=0)
+    inter_wh = (torch.min(boxes1[:, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
     inter = inter_wh[:, 0] * inter_wh[:, 1]
     union = (area1 + area2 - inter).clamp(min=_EPS)
-    encl_wh = (
-        torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2])
-    ).clamp(min=0)
+    encl_wh = (torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
     enclosing = (encl_wh[:, 0] * encl_wh[:, 1]).clamp(min=_EPS)
     return inter / union - (enclosing - union) / enclosing

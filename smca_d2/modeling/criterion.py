@@ -1,4 +1,5 @@
 """Set-prediction losses for SMCA-DETR."""
+
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -71,8 +72,7 @@ class SetCriterion(nn.Module):
             weight_dict = {"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}
         if set(weight_dict) != set(_LOSS_NAMES):
             raise ValueError(
-                f"SetCriterion weight_dict must have exactly the keys {list(_LOSS_NAMES)}, "
-                f"got {sorted(weight_dict)}."
+                f"SetCriterion weight_dict must have exactly the keys {list(_LOSS_NAMES)}, got {sorted(weight_dict)}."
             )
         self.num_classes = num_classes
         self.matcher = matcher
@@ -105,18 +105,12 @@ class SetCriterion(nn.Module):
         """
         logits = outputs["pred_logits"]
         if logits.shape[-1] != self.num_classes:
-            raise ValueError(
-                f"SetCriterion expects {self.num_classes} class logits, got {logits.shape[-1]}."
-            )
+            raise ValueError(f"SetCriterion expects {self.num_classes} class logits, got {logits.shape[-1]}.")
         batch_idx, src_idx = self._src_permutation_idx(indices)
-        matched_labels = torch.cat(
-            [t["labels"][tgt].to(logits.device).long() for t, (_, tgt) in zip(targets, indices)]
-        )
+        matched_labels = torch.cat([t["labels"][tgt].to(logits.device).long() for t, (_, tgt) in zip(targets, indices)])
         onehot = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
         onehot[batch_idx.to(logits.device), src_idx.to(logits.device), matched_labels] = 1.0
-        return sigmoid_focal_loss(
-            logits, onehot, num_boxes, alpha=self.focal_alpha, gamma=self.focal_gamma
-        )
+        return sigmoid_focal_loss(logits, onehot, num_boxes, alpha=self.focal_alpha, gamma=self.focal_gamma)
 
     def loss_boxes(self, outputs, targets, indices, num_boxes) -> Dict[str, Tensor]:
         """L1 and ``1 - GIoU`` losses of the matched boxes, summed and divided by ``num_boxes``.
@@ -136,9 +130,7 @@ class SetCriterion(nn.Module):
             return {"loss_bbox": zero, "loss_giou": zero.clone()}
 
         src = pred_boxes[batch_idx.to(pred_boxes.device), src_idx.to(pred_boxes.device)].float()
-        tgt = torch.cat(
-            [t["boxes"][j].to(device=src.device) for t, (_, j) in zip(targets, indices)]
-        ).float()
+        tgt = torch.cat([t["boxes"][j].to(device=src.device) for t, (_, j) in zip(targets, indices)]).float()
         loss_bbox = F.l1_loss(src, tgt, reduction="sum") / num_boxes
         giou = elementwise_generalized_box_iou(box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"))
         loss_giou = (1 - giou).sum() / num_boxes
@@ -146,9 +138,7 @@ class SetCriterion(nn.Module):
 
     def _num_boxes(self, targets: List[Dict[str, Tensor]], device: torch.device) -> float:
         """Average number of target boxes per process, at least 1."""
-        num_boxes = torch.as_tensor(
-            [float(sum(len(t["labels"]) for t in targets))], dtype=torch.float32, device=device
-        )
+        num_boxes = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], dtype=torch.float32, device=device)
         world_size = 1
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(num_boxes)
@@ -161,9 +151,7 @@ class SetCriterion(nn.Module):
         losses.update(self.loss_boxes(outputs, targets, indices, num_boxes))
         return {k + suffix: v * self.weight_dict[k] for k, v in losses.items()}
 
-    def forward(
-        self, outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]]
-    ) -> Dict[str, Tensor]:
+    def forward(self, outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         """
         Args:
             outputs: dict with

@@ -1,4 +1,5 @@
 """SMCA's decoder: DETR decoder layers whose cross-attention is spatially modulated."""
+
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -25,9 +26,7 @@ class MLP(nn.Module):
     def __init__(self, input_dim, hidden_dim, output_dim, num_layers):
         super().__init__()
         dims = [input_dim] + [hidden_dim] * (num_layers - 1)
-        self.layers = nn.ModuleList(
-            nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim])
-        )
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims, dims[1:] + [output_dim]))
 
     def forward(self, x):
         for i, layer in enumerate(self.layers):
@@ -86,9 +85,7 @@ class DecoderLayer(nn.Module):
         self.center_head = MLP(d_model, d_model, 2, 3) if predict_center else None
         self.offset_head = nn.Linear(d_model, num_levels * nhead * 2) if modulate else None
         self.scale_head = (
-            nn.Linear(d_model, num_levels * nhead * self.num_scales)
-            if modulate and self.num_scales
-            else None
+            nn.Linear(d_model, num_levels * nhead * self.num_scales) if modulate and self.num_scales else None
         )
         self.scale_selection = nn.Linear(d_model, num_levels) if num_levels > 1 else None
         uses_modulation_norm = predict_center or modulate or num_levels > 1
@@ -151,9 +148,7 @@ class DecoderLayer(nn.Module):
         if self.center_head is not None:
             ref_logit = self.center_head(out)
             ref = ref_logit.sigmoid()
-        biases = self._attention_biases(
-            out, ref, key_padding_masks, level_shapes, level_strides, image_wh, beta
-        )
+        biases = self._attention_biases(out, ref, key_padding_masks, level_shapes, level_strides, image_wh, beta)
         level_weights = self.scale_selection(out).softmax(-1) if self.scale_selection is not None else None
         tgt2 = self.cross_attn(
             tgt + query_pos,
@@ -245,8 +240,16 @@ class SMCADecoder(nn.Module):
         hs = []
         for layer in self.layers:
             tgt, layer_ref_logit, ref = layer(
-                tgt, memory, memory_with_pos, query_pos, masks, level_shapes, level_strides,
-                image_wh, self.beta, ref,
+                tgt,
+                memory,
+                memory_with_pos,
+                query_pos,
+                masks,
+                level_shapes,
+                level_strides,
+                image_wh,
+                self.beta,
+                ref,
             )
             if layer_ref_logit is not None:
                 ref_logit = layer_ref_logit

@@ -1,4 +1,5 @@
 """Transformer encoders: DETR's single-scale encoder and SMCA's intra-/multi-scale encoder."""
+
 import copy
 from typing import List, Sequence
 
@@ -106,8 +107,7 @@ class MultiScaleEncoder(nn.Module):
                 continue
             masks = split_padding_mask(key_padding_mask, level_sizes)
             outputs: List[torch.Tensor] = [
-                layer(s, p, m)
-                for s, p, m in zip(src.split(level_sizes, 1), pos.split(level_sizes, 1), masks)
+                layer(s, p, m) for s, p, m in zip(src.split(level_sizes, 1), pos.split(level_sizes, 1), masks)
             ]
             src = torch.cat(outputs, dim=1)
         return src

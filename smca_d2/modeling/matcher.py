@@ -1,4 +1,5 @@
 """Bipartite (Hungarian) matching between predictions and ground truth for SMCA-DETR."""
+
 from typing import Dict, List, Tuple
 
 import torch
@@ -94,9 +95,7 @@ class HungarianMatcher(nn.Module):
         return self.cost_bbox * cost_bbox + self.cost_class * cost_class - self.cost_giou * giou
 
     @torch.no_grad()
-    def forward(
-        self, outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]]
-    ) -> List[Tuple[Tensor, Tensor]]:
+    def forward(self, outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]]) -> List[Tuple[Tensor, Tensor]]:
         """
         Args:
             outputs: dict with
@@ -117,8 +116,7 @@ class HungarianMatcher(nn.Module):
         logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
         if len(targets) != logits.shape[0]:
             raise ValueError(
-                f"HungarianMatcher got {logits.shape[0]} images of predictions but "
-                f"{len(targets)} target dicts."
+                f"HungarianMatcher got {logits.shape[0]} images of predictions but {len(targets)} target dicts."
             )
 
         costs = {}
@@ -129,10 +127,7 @@ class HungarianMatcher(nn.Module):
         if costs:
             flat = torch.cat([c.flatten() for c in costs.values()]).cpu()
             sizes = [c.numel() for c in costs.values()]
-            costs = {
-                i: chunk.view(c.shape)
-                for (i, c), chunk in zip(costs.items(), flat.split(sizes))
-            }
+            costs = {i: chunk.view(c.shape) for (i, c), chunk in zip(costs.items(), flat.split(sizes))}
 
         empty = torch.empty(0, dtype=torch.int64)
         indices = []
@@ -144,9 +139,7 @@ class HungarianMatcher(nn.Module):
             if not torch.isfinite(cost).all():
                 raise ValueError(self._describe_non_finite(i, logits[i], boxes[i], targets[i]))
             rows, cols = linear_sum_assignment(cost.numpy())
-            indices.append(
-                (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
-            )
+            indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
         return indices
 
     @staticmethod
@@ -160,11 +153,7 @@ class HungarianMatcher(nn.Module):
             )
             if not torch.isfinite(value).all()
         ]
-        source = (
-            "non-finite values in " + ", ".join(culprits)
-            if culprits
-            else "overflow while computing the costs"
-        )
+        source = "non-finite values in " + ", ".join(culprits) if culprits else "overflow while computing the costs"
         return (
             f"HungarianMatcher: the matching cost of image {i} contains NaN or inf ({source}). "
             "The model has probably diverged (try a lower learning rate or gradient clipping)."

@@ -1,13 +1,14 @@
 """The SMCA-DETR meta-architecture, registered in Detectron2's ``META_ARCH_REGISTRY``."""
+
 from typing import Dict, List, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision.ops import box_convert
 
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, detector_postprocess
 from detectron2.structures import Boxes, ImageList, Instances
-from torchvision.ops import box_convert
 
 from .decoder import MLP
 from .position_encoding import PositionEmbeddingSine
@@ -160,12 +161,8 @@ class SMCADETR(nn.Module):
         if self.has_padding(images):
             mask = torch.cat([m.flatten(1) for _, m, _ in levels], dim=1)
         shapes = [tuple(f.shape[-2:]) for f, _, _ in levels]
-        image_wh = torch.tensor(
-            [[w, h] for h, w in images.image_sizes], dtype=torch.float32, device=src.device
-        )
-        hs, ref_logit = self.transformer(
-            src, pos, mask, self.query_embed.weight, shapes, self.level_strides, image_wh
-        )
+        image_wh = torch.tensor([[w, h] for h, w in images.image_sizes], dtype=torch.float32, device=src.device)
+        hs, ref_logit = self.transformer(src, pos, mask, self.query_embed.weight, shapes, self.level_strides, image_wh)
         logits = self.class_embed(hs)
         deltas = self.bbox_embed(hs)
         # Box centers are predicted relative to the query's Gaussian center (in logit space).
@@ -173,9 +170,7 @@ class SMCADETR(nn.Module):
         return {
             "pred_logits": logits[-1],
             "pred_boxes": boxes[-1],
-            "aux_outputs": [
-                {"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])
-            ],
+            "aux_outputs": [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])],
             "ref_points": ref_logit.sigmoid(),
         }
 

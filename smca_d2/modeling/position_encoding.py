@@ -1,4 +1,5 @@
 """Sine positional encoding of a padded feature map (the encoding DETR and SMCA use)."""
+
 import math
 
 import torch

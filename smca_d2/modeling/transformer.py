@@ -1,4 +1,5 @@
 """Encoder + decoder, initialised as in the official SMCA code."""
+
 from torch import nn
 
 

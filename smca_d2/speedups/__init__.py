@@ -20,6 +20,7 @@ attention. What makes it faster on a given device lives here, as functions over 
 :func:`apply_speedups` with the config's ``train.speedups`` (configs/common/train.py).
 ``benchmarks/speed.py`` measures each against the plain model.
 """
+
 import logging
 from typing import Mapping, Optional
 
@@ -103,9 +104,7 @@ def optimize_for_inference(model: nn.Module, channels_last: Optional[bool] = Non
     return model
 
 
-def apply_speedups(
-    model: nn.Module, options: Optional[Mapping] = None, *, device: str, training: bool
-) -> nn.Module:
+def apply_speedups(model: nn.Module, options: Optional[Mapping] = None, *, device: str, training: bool) -> nn.Module:
     """The speed-ups of ``options`` (``train.speedups``; keys of :data:`DEFAULT_SPEEDUPS`, the
     missing ones at their defaults) for ``model`` trained or evaluated on ``device``: what
     train_net.py, LazyPredictor, the tools and the benchmarks call. Returns ``model``."""

@@ -1,4 +1,5 @@
 """Running a backbone in channels-last memory format (oneDNN's and cuDNN's preferred layout)."""
+
 import torch
 from torch import nn
 

@@ -19,6 +19,7 @@ The model itself uses torch's modules (``nn.Dropout``, ``nn.MultiheadAttention``
 the subclasses below (same parameters, state-dict keys and eval-mode results), which take the
 cheap mask only in training on the CPU with ``p > 0``, and torch's own path otherwise.
 """
+
 import math
 
 import numpy as np
@@ -190,8 +191,13 @@ class FastDropoutMultiheadAttention(nn.MultiheadAttention):
         )
         if not fast:
             return super().forward(
-                query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
-                attn_mask=attn_mask, **kwargs,
+                query,
+                key,
+                value,
+                key_padding_mask=key_padding_mask,
+                need_weights=need_weights,
+                attn_mask=attn_mask,
+                **kwargs,
             )
         return self._project_and_attend(query, key, value, key_padding_mask, self.dropout), None
 

@@ -18,6 +18,7 @@
 ``fuse_conv_bn_weights`` returns new leaf parameters (the gradient does not reach ``W``), so the
 training-time fusion computes the same product itself, differentiably.
 """
+
 import torch
 import torch.nn.functional as F
 from torch import nn

@@ -12,6 +12,7 @@ anyway. The settings apply to the whole process: :func:`smca_d2.speedups.apply_s
 them on the CPU (``train.speedups.keep_freed_cpu_memory``), a library user opts in with
 :func:`keep_freed_cpu_memory`.
 """
+
 import ctypes
 import logging
 import os

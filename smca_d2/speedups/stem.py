@@ -1,4 +1,5 @@
 """A frozen ResNet stem that max-pools in channels-last memory format on the CPU."""
+
 import torch
 import torch.nn.functional as F
 from torch import nn

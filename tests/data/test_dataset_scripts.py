@@ -1,4 +1,5 @@
 """Tests of the dataset tooling: the synthetic generator, the deepforest converter and their CLIs."""
+
 import importlib.util
 import io
 import json
@@ -94,9 +95,7 @@ def test_synthetic_is_deterministic(synthetic):
 
 
 def test_synthetic_fixed_size_and_bad_size(tmp_path):
-    paths = make_synthetic_coco(
-        str(tmp_path), num_train=3, num_val=0, image_size=(80, 100), size_jitter=0
-    )
+    paths = make_synthetic_coco(str(tmp_path), num_train=3, num_val=0, image_size=(80, 100), size_jitter=0)
     coco = _load_json(paths["train_json"])
     assert {(im["height"], im["width"]) for im in coco["images"]} == {(80, 100)}
     assert _load_json(paths["val_json"])["images"] == []
@@ -179,9 +178,7 @@ def test_tile_starts():
 
 def test_deepforest_tiling_and_clipping(fake_wheel, tmp_path):
     out = tmp_path / "out"
-    paths = deepforest.prepare_deepforest(
-        str(out), wheel_dir=str(fake_wheel.parent), tile_size=32, overlap=0.0
-    )
+    paths = deepforest.prepare_deepforest(str(out), wheel_dir=str(fake_wheel.parent), tile_size=32, overlap=0.0)
     assert paths["wheel"] == str(fake_wheel)
     train = COCO(paths["train_json"]).dataset
     _assert_boxes_inside(train)
@@ -220,9 +217,7 @@ def test_deepforest_tiling_and_clipping(fake_wheel, tmp_path):
 
 def test_deepforest_default_tiles_keep_boxes_whole(fake_wheel, tmp_path):
     # Overlapping tiles (stride 12) and a wheel given as a file: every box is whole in some tile.
-    paths = deepforest.prepare_deepforest(
-        str(tmp_path), wheel_dir=str(fake_wheel), tile_size=32, overlap=0.5
-    )
+    paths = deepforest.prepare_deepforest(str(tmp_path), wheel_dir=str(fake_wheel), tile_size=32, overlap=0.5)
     train = _load_json(paths["train_json"])
     _assert_boxes_inside(train)
     assert len(train["images"]) == 5 * 3 + 1  # x at 0, 16, 32, 48, 64; y at 0, 16, 32; small image
@@ -296,10 +291,10 @@ def test_prepare_deepforest_cli(fake_wheel, tmp_path, capsys):
 
 
 def test_synthetic_train_800_is_the_first_800_training_images(tmp_path):
+    from smca_d2.data import datasets
+
     from detectron2.data import DatasetCatalog
     from detectron2.data.datasets import register_coco_instances
-
-    from smca_d2.data import datasets
 
     assert "smca_synthetic_train_800" in DatasetCatalog.list()
     paths = make_synthetic_coco(str(tmp_path), num_train=803, num_val=1)

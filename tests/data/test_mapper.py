@@ -1,4 +1,5 @@
 """The DETR-style training mapper of configs/common/data/coco_detr.py on hand-made annotations."""
+
 import os
 
 import numpy as np
@@ -6,12 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
+from smca_d2.data.transforms import RandomChoice
+
 from detectron2.config import LazyConfig, instantiate
 from detectron2.data import DatasetMapper
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
-
-from smca_d2.data.transforms import RandomChoice
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -29,14 +30,21 @@ class FixedCrop(T.Augmentation):
 def record(tmp_path):
     path = tmp_path / "img.png"
     Image.fromarray(np.full((200, 300, 3), 128, dtype=np.uint8)).save(path)
-    box = lambda x0, y0, x1, y1, c=0, crowd=0: {  # noqa: E731
-        "bbox": [x0, y0, x1, y1], "bbox_mode": BoxMode.XYXY_ABS, "category_id": c, "iscrowd": crowd}
+    box = lambda x0, y0, x1, y1, c=0, crowd=0: {
+        "bbox": [x0, y0, x1, y1],
+        "bbox_mode": BoxMode.XYXY_ABS,
+        "category_id": c,
+        "iscrowd": crowd,
+    }
     return {
-        "file_name": str(path), "height": 200, "width": 300, "image_id": 1,
+        "file_name": str(path),
+        "height": 200,
+        "width": 300,
+        "image_id": 1,
         "annotations": [
-            box(10, 10, 60, 60, c=1),          # inside the crop
-            box(90, 20, 140, 90, c=2),         # half inside: clipped to the crop
-            box(200, 150, 280, 190, c=3),      # outside the crop: dropped
+            box(10, 10, 60, 60, c=1),  # inside the crop
+            box(90, 20, 140, 90, c=2),  # half inside: clipped to the crop
+            box(200, 150, 280, 190, c=3),  # outside the crop: dropped
             box(20, 20, 40, 40, c=4, crowd=1),  # crowd: dropped
         ],
     }

@@ -1,5 +1,6 @@
 """ResumableTrainLoader's size grouping: batches of images of one (rounded) size, every image used,
 the same batches after a resume."""
+
 import collections
 import itertools
 

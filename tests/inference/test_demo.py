@@ -1,4 +1,5 @@
 """demo/demo.py: a folder of images (subprocess), a single image to a file, a video."""
+
 import importlib.util
 import json
 import os
@@ -7,10 +8,10 @@ import sys
 
 import cv2
 import pytest
+from tiny_smca import R18_CONFIG, REPO, TINY_OVERRIDES, random_image, tiny_config, write_checkpoint
 
 from smca_d2.inference import collect_inputs, instances_to_json
 from smca_d2.inference.demo import output_paths
-from tiny_smca import R18_CONFIG, REPO, TINY_OVERRIDES, random_image, tiny_config, write_checkpoint
 
 DEMO = os.path.join(REPO, "demo", "demo.py")
 
@@ -35,9 +36,21 @@ def test_demo_on_a_folder(tmp_path, checkpoint):
         cv2.imwrite(str(images / f"img{i}.jpg"), random_image(h, w, seed=i))
     out = tmp_path / "out"
     cmd = [
-        sys.executable, DEMO, "--config-file", R18_CONFIG, "--input", str(images), "--output", str(out),
-        "--confidence-threshold", "0.0", "--device", "cpu",
-        "--opts", *TINY_OVERRIDES, f"train.init_checkpoint={checkpoint}",
+        sys.executable,
+        DEMO,
+        "--config-file",
+        R18_CONFIG,
+        "--input",
+        str(images),
+        "--output",
+        str(out),
+        "--confidence-threshold",
+        "0.0",
+        "--device",
+        "cpu",
+        "--opts",
+        *TINY_OVERRIDES,
+        f"train.init_checkpoint={checkpoint}",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -117,6 +130,7 @@ def test_collect_inputs_and_output_paths(tmp_path):
 
 def test_instances_to_json_names():
     import torch
+
     from detectron2.structures import Boxes, Instances
 
     inst = Instances((10, 20))

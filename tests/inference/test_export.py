@@ -1,8 +1,8 @@
 """Export: torch.export reproduces the eager detections; ONNX when its packages are installed."""
+
 import pytest
 import torch
-
-from detectron2.config import instantiate
+from tiny_smca import tiny_config
 
 from smca_d2.inference.export import (
     ExportUnavailable,
@@ -11,7 +11,8 @@ from smca_d2.inference.export import (
     export_program,
     onnx_unavailable_reason,
 )
-from tiny_smca import tiny_config
+
+from detectron2.config import instantiate
 
 SIZE = (96, 128)
 

@@ -1,4 +1,5 @@
 """Gaussian weight maps and co-attention maps: capture, peaks at the predicted centers, pictures."""
+
 import importlib.util
 import os
 
@@ -6,12 +7,12 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from tiny_smca import MULTI_SCALE_CONFIG, R18_CONFIG, REPO, TINY_OVERRIDES, random_image, tiny_config, write_checkpoint
 from torch import nn
 
 from smca_d2.inference import LazyPredictor
 from smca_d2.inference.gaussian_maps import capture_decoder_layer, cells_to_image, compute_smca_maps, save_smca_maps
 from smca_d2.modeling import attention, decoder
-from tiny_smca import R18_CONFIG, MULTI_SCALE_CONFIG, REPO, TINY_OVERRIDES, random_image, tiny_config, write_checkpoint
 
 CONFIGS = {"single_scale": R18_CONFIG, "multi_scale": MULTI_SCALE_CONFIG}
 

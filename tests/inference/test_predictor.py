@@ -1,11 +1,18 @@
 """LazyPredictor: detections in original image coordinates, DefaultPredictor's output form, channel
 order, checkpoints (and the warning for checkpoints without weights for the whole model), metadata."""
+
 import contextlib
 import logging
 
 import numpy as np
 import pytest
 import torch
+from conftest import write_tiny_coco
+from tiny_smca import random_image, tiny_config, write_checkpoint
+
+from smca_d2.checkpoint import SafeCheckpointer
+from smca_d2.inference import LazyPredictor, build_test_augmentations, untrained_keys, warn_if_untrained
+from smca_d2.inference.predictor import missing_weight_parts
 
 from detectron2.config import LazyCall as L
 from detectron2.config import instantiate
@@ -13,12 +20,6 @@ from detectron2.data import DatasetCatalog
 from detectron2.data import transforms as T
 from detectron2.data.datasets import register_coco_instances
 from detectron2.structures import Instances
-
-from conftest import write_tiny_coco
-from smca_d2.checkpoint import SafeCheckpointer
-from smca_d2.inference import LazyPredictor, build_test_augmentations, untrained_keys, warn_if_untrained
-from smca_d2.inference.predictor import missing_weight_parts
-from tiny_smca import random_image, tiny_config, write_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +222,7 @@ def test_partly_missing_weights_are_named(checkpoint, tmp_path):
     assert "no weights for class_embed (2 tensors)" in message and "transformer" not in message
     assert sorted(predictor.missing_weights) == ["class_embed.bias", "class_embed.weight"]
     # Two tensors of the transformer missing: that part is named with the count.
-    state = {k: v for k, v in written.state_dict().items()}
+    state = dict(written.state_dict().items())
     dropped = [k for k in state if k.startswith("transformer.")][:2]
     for k in dropped:
         del state[k]

@@ -1,14 +1,15 @@
 """Tiny SMCA models for the inference tests: the small R18 config
 (configs/common/r18_synthetic.py), shrunk; no training."""
+
 import os
 
 import numpy as np
 import torch
 
+from smca_d2.engine import load_config
+
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import instantiate
-
-from smca_d2.engine import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 R18_CONFIG = os.path.join(REPO, "configs", "common", "r18_synthetic.py")

@@ -126,9 +126,7 @@ def test_elementwise_matches_diagonal():
     g = torch.Generator().manual_seed(1)
     b1 = box_cxcywh_to_xyxy(torch.rand(16, 4, generator=g))
     b2 = box_cxcywh_to_xyxy(torch.rand(16, 4, generator=g))
-    torch.testing.assert_close(
-        elementwise_generalized_box_iou(b1, b2), generalized_box_iou(b1, b2).diag()
-    )
+    torch.testing.assert_close(elementwise_generalized_box_iou(b1, b2), generalized_box_iou(b1, b2).diag())
     with pytest.raises(ValueError):
         elementwise_generalized_box_iou(b1, b2[:3])
 
@@ -148,7 +146,7 @@ def _permuted_case():
 
 def test_matcher_known_assignment():
     outputs, target = _permuted_case()
-    (pred_idx, tgt_idx), = HungarianMatcher()(outputs, [target])
+    ((pred_idx, tgt_idx),) = HungarianMatcher()(outputs, [target])
     assert pred_idx.dtype == tgt_idx.dtype == torch.int64
     assert dict(zip(pred_idx.tolist(), tgt_idx.tolist())) == {0: 1, 2: 0}
 
@@ -156,7 +154,7 @@ def test_matcher_known_assignment():
 def test_matcher_half_inputs_match_like_float():
     outputs, target = _permuted_case()
     half = {k: v.half() for k, v in outputs.items()}
-    (pred_idx, tgt_idx), = HungarianMatcher()(half, [target])
+    ((pred_idx, tgt_idx),) = HungarianMatcher()(half, [target])
     assert dict(zip(pred_idx.tolist(), tgt_idx.tolist())) == {0: 1, 2: 0}
 
 
@@ -198,15 +196,13 @@ def test_matcher_is_optimal(seed, num_queries, num_targets):
     g = torch.Generator().manual_seed(seed)
     outputs = _random_outputs(g, 1, num_queries, 4)
     target = _random_target(g, num_targets, 4)
-    (pred_idx, tgt_idx), = HungarianMatcher()(outputs, [target])
+    ((pred_idx, tgt_idx),) = HungarianMatcher()(outputs, [target])
 
     assert len(pred_idx) == len(tgt_idx) == min(num_queries, num_targets)
     assert len(set(pred_idx.tolist())) == len(pred_idx)
     assert len(set(tgt_idx.tolist())) == len(tgt_idx)
     cost = _reference_cost(outputs["pred_logits"][0], outputs["pred_boxes"][0], target)
-    assert cost[pred_idx, tgt_idx].sum().item() == pytest.approx(
-        _brute_force_minimum(cost), abs=1e-5
-    )
+    assert cost[pred_idx, tgt_idx].sum().item() == pytest.approx(_brute_force_minimum(cost), abs=1e-5)
 
 
 def test_matcher_more_targets_than_queries():
@@ -215,7 +211,7 @@ def test_matcher_more_targets_than_queries():
         [0, 1, 2, 0],
         [[0.1, 0.1, 0.1, 0.1], [0.3, 0.3, 0.2, 0.2], [0.9, 0.9, 0.1, 0.1], [0.7, 0.6, 0.3, 0.4]],
     )
-    (pred_idx, tgt_idx), = HungarianMatcher()(outputs, [target])
+    ((pred_idx, tgt_idx),) = HungarianMatcher()(outputs, [target])
     assert sorted(pred_idx.tolist()) == [0, 1, 2]
     assert len(set(tgt_idx.tolist())) == 3
     matched = dict(zip(pred_idx.tolist(), tgt_idx.tolist()))
@@ -243,9 +239,7 @@ def test_matcher_runs_without_grad():
 # SetCriterion
 # ---------------------------------------------------------------------------------------------
 def _criterion(weight_dict=None, num_classes=3):
-    return SetCriterion(
-        num_classes=num_classes, matcher=HungarianMatcher(), weight_dict=weight_dict
-    )
+    return SetCriterion(num_classes=num_classes, matcher=HungarianMatcher(), weight_dict=weight_dict)
 
 
 def _focal_term(logit, target):
@@ -301,7 +295,7 @@ def test_criterion_aux_losses():
     g = torch.Generator().manual_seed(0)
     outputs = _random_outputs(g, 2, 5, 3)
     targets = [_random_target(g, 2, 3), _random_target(g, 3, 3)]
-    main = {k: v for k, v in outputs.items()}
+    main = dict(outputs.items())
     outputs["aux_outputs"] = [dict(main), dict(main)]
     losses = _criterion()(outputs, targets)
     names = ("loss_class", "loss_bbox", "loss_giou")
@@ -363,9 +357,7 @@ def test_criterion_weights_applied():
     assert set(base) == set(doubled)
     for name in base:
         torch.testing.assert_close(doubled[name], 2 * base[name])
-    only_class = _criterion({"loss_class": 1.0, "loss_bbox": 0.0, "loss_giou": 0.0})(
-        outputs, targets
-    )
+    only_class = _criterion({"loss_class": 1.0, "loss_bbox": 0.0, "loss_giou": 0.0})(outputs, targets)
     torch.testing.assert_close(only_class["loss_class_0"], base["loss_class_0"] / 2)
     assert only_class["loss_bbox_0"].item() == 0.0
 

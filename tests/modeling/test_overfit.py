@@ -1,5 +1,6 @@
 """A tiny SMCA model overfits one image: the whole training path (matcher, losses, Gaussian
 co-attention, box parametrization, inference) works together."""
+
 import os
 
 import numpy as np
@@ -8,10 +9,10 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from smca_d2.data.synthetic import render_image
+
 from detectron2.config import LazyConfig, instantiate
 from detectron2.structures import Boxes, Instances
-
-from smca_d2.data.synthetic import render_image
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -23,17 +24,23 @@ def box_ap(gt_boxes, gt_classes, inst):
         "images": [{"id": 1, "height": 128, "width": 128}],
         "categories": [{"id": c} for c in range(5)],
         "annotations": [
-            {"id": i + 1, "image_id": 1, "category_id": int(c), "iscrowd": 0,
-             "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
-             "area": float((x1 - x0) * (y1 - y0))}
+            {
+                "id": i + 1,
+                "image_id": 1,
+                "category_id": int(c),
+                "iscrowd": 0,
+                "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
+                "area": float((x1 - x0) * (y1 - y0)),
+            }
             for i, ((x0, y0, x1, y1), c) in enumerate(zip(gt_boxes.tolist(), gt_classes.tolist()))
         ],
     }
     coco.createIndex()
     dets = [
-        {"image_id": 1, "category_id": int(c), "score": float(s),
-         "bbox": [x0, y0, x1 - x0, y1 - y0]}
-        for (x0, y0, x1, y1), s, c in zip(inst.pred_boxes.tensor.tolist(), inst.scores.tolist(), inst.pred_classes.tolist())
+        {"image_id": 1, "category_id": int(c), "score": float(s), "bbox": [x0, y0, x1 - x0, y1 - y0]}
+        for (x0, y0, x1, y1), s, c in zip(
+            inst.pred_boxes.tensor.tolist(), inst.scores.tolist(), inst.pred_classes.tolist()
+        )
     ]
     evaluator = COCOeval(coco, coco.loadRes(dets), "bbox")
     evaluator.evaluate()
@@ -51,7 +58,9 @@ def test_tiny_smca_overfits_one_image(modulate):
     classes = torch.tensor([category - 1 for category, _ in objects])
     assert len(boxes) >= 2
     inst = Instances((128, 128), gt_boxes=Boxes(boxes), gt_classes=classes)
-    inputs = [{"image": torch.as_tensor(image).permute(2, 0, 1).float(), "instances": inst, "height": 128, "width": 128}]
+    inputs = [
+        {"image": torch.as_tensor(image).permute(2, 0, 1).float(), "instances": inst, "height": 128, "width": 128}
+    ]
 
     cfg = LazyConfig.load(os.path.join(REPO, "configs", "common", "r18_synthetic.py")).model
     cfg.num_queries = 10

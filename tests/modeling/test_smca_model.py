@@ -1,4 +1,5 @@
 """The SMCA model: every config builds and runs, gradients, Gaussian bias, batching, baseline."""
+
 import glob
 import os
 
@@ -6,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
+from smca_d2.modeling import SpatiallyModulatedCoAttention, gaussian_log_weights
+from smca_d2.modeling.attention import padding_bias
+
 from detectron2.config import LazyConfig, instantiate
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import Backbone
 from detectron2.structures import Boxes, Instances
-
-from smca_d2.modeling import SpatiallyModulatedCoAttention, gaussian_log_weights
-from smca_d2.modeling.attention import padding_bias
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
@@ -119,7 +120,8 @@ def test_gradients_reach_every_trainable_parameter(name, scale_type):
         "transformer.decoder.layers.0.norm1.weight",
     }
     missing = [
-        n for n, p in model.named_parameters()
+        n
+        for n, p in model.named_parameters()
         if p.requires_grad and n not in dead_by_design and (p.grad is None or not p.grad.abs().sum() > 0)
     ]
     assert not missing, missing
@@ -251,7 +253,9 @@ def test_batched_inference_equals_one_image_at_a_time(name):
     assert model.preprocess_image(inputs).tensor.shape[-2:] == (192, 192)
     for b, s in zip(batched, single):
         torch.testing.assert_close(b["instances"].scores, s["instances"].scores, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(b["instances"].pred_boxes.tensor, s["instances"].pred_boxes.tensor, atol=1e-3, rtol=1e-5)
+        torch.testing.assert_close(
+            b["instances"].pred_boxes.tensor, s["instances"].pred_boxes.tensor, atol=1e-3, rtol=1e-5
+        )
         assert torch.equal(b["instances"].pred_classes, s["instances"].pred_classes)
     if name.startswith("smca_multi"):
         # The scale-selection weights differ between images of the batch (they are per image).
@@ -270,7 +274,9 @@ def test_training_does_not_depend_on_padding():
     model = instantiate(cfg).train()
     inputs = make_inputs([(64, 128)])
     padded = [dict(inputs[0]), make_inputs([(128, 192)], with_instances=False)[0]]
-    padded[1]["instances"] = Instances((128, 192), gt_boxes=Boxes(torch.zeros(0, 4)), gt_classes=torch.zeros(0, dtype=torch.long))
+    padded[1]["instances"] = Instances(
+        (128, 192), gt_boxes=Boxes(torch.zeros(0, 4)), gt_classes=torch.zeros(0, dtype=torch.long)
+    )
     alone = model(inputs)
     outputs_alone = model.forward_outputs(model.preprocess_image(inputs))
     outputs_padded = model.forward_outputs(model.preprocess_image(padded))
@@ -292,7 +298,9 @@ def test_a_batch_without_padding_skips_the_mask_with_the_same_results(name, monk
     model = instantiate(cfg).train()
     masks, force = [], []
     forward, has_padding = model.transformer.forward, model.has_padding
-    monkeypatch.setattr(model.transformer, "forward", lambda src, pos, mask, *a: masks.append(mask) or forward(src, pos, mask, *a))
+    monkeypatch.setattr(
+        model.transformer, "forward", lambda src, pos, mask, *a: masks.append(mask) or forward(src, pos, mask, *a)
+    )
     monkeypatch.setattr(model, "has_padding", lambda images: bool(force) or has_padding(images))
 
     def outputs(inputs, force_mask=False):

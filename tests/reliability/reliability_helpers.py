@@ -1,4 +1,5 @@
 """Helpers of the reliability tests. Also imported by train_net.py subprocesses (PYTHONPATH)."""
+
 import json
 import os
 import uuid
@@ -40,8 +41,10 @@ def write_coco(root, images, annotations, categories=None, raw_json=None):
         ann.setdefault("category_id", 1)
         ann.setdefault("area", 1.0)
     json_path = os.path.join(root, "annotations.json")
-    text = raw_json if raw_json is not None else json.dumps(
-        {"images": entries, "annotations": annotations, "categories": categories}
+    text = (
+        raw_json
+        if raw_json is not None
+        else json.dumps({"images": entries, "annotations": annotations, "categories": categories})
     )
     with open(json_path, "w") as f:
         f.write(text)
@@ -51,7 +54,9 @@ def write_coco(root, images, annotations, categories=None, raw_json=None):
 def simple_image(image_id, h=40, w=60, name=None, **extra):
     """An image entry with a noise RGB PNG."""
     name = name or f"{image_id:04d}.png"
-    return dict(id=image_id, file_name=name, height=h, width=w, pil=Image.fromarray(noise_image(h, w, image_id)), **extra)
+    return dict(
+        id=image_id, file_name=name, height=h, width=w, pil=Image.fromarray(noise_image(h, w, image_id)), **extra
+    )
 
 
 def register(json_path, image_dir, name=None):

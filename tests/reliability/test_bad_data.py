@@ -1,16 +1,16 @@
 """Bad data in a COCO-format dataset: each case is handled (converted, clipped, dropped with a
 logged count) or refused before training with a message naming the file and the problem."""
+
 import logging
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-
-from detectron2.structures import BoxMode
-
 from reliability_helpers import register, simple_image, unique_name, write_coco
+
 from smca_d2.data import (
     DatasetNotFoundError,
     DatasetValidationError,
@@ -22,6 +22,8 @@ from smca_d2.data import (
 )
 from smca_d2.data.annotations import sanitize_annotations
 from smca_d2.data.images import image_size
+
+from detectron2.structures import BoxMode
 
 
 @pytest.fixture
@@ -57,7 +59,11 @@ def test_bad_boxes_are_clipped_or_dropped_with_counts(tmp_path, caplog_validatio
     name, _, _ = dataset(tmp_path, images, annotations)
     dicts = validated_dataset_dicts(name, filter_empty=False)
     by_id = {d["image_id"]: d for d in dicts}
-    assert [a["bbox"] for a in by_id[1]["annotations"]] == [[10, 10, 20, 10], [50.0, 30.0, 10.0, 10.0], [0.0, 0.0, 5.0, 5.0]]
+    assert [a["bbox"] for a in by_id[1]["annotations"]] == [
+        [10, 10, 20, 10],
+        [50.0, 30.0, 10.0, 10.0],
+        [0.0, 0.0, 5.0, 5.0],
+    ]
     assert by_id[2]["annotations"] == [] and by_id[3]["annotations"] == []
     log = caplog_validation.text
     assert "2 clipped to the image" in log
@@ -72,18 +78,29 @@ def test_bad_boxes_are_clipped_or_dropped_with_counts(tmp_path, caplog_validatio
 
 
 def test_xyxy_boxes_of_custom_loaders_are_clipped_in_their_mode():
-    record = {"file_name": "x.png", "height": 10, "width": 10, "image_id": 1, "annotations": [
-        {"bbox": [-1, 2, 12, 8], "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0},
-        {"bbox": [3, 3, 3, 8], "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0},  # x1 == x0
-    ]}
+    record = {
+        "file_name": "x.png",
+        "height": 10,
+        "width": 10,
+        "image_id": 1,
+        "annotations": [
+            {"bbox": [-1, 2, 12, 8], "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0},
+            {"bbox": [3, 3, 3, 8], "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0},  # x1 == x0
+        ],
+    }
     dicts, stats = sanitize_annotations([record], "custom", num_classes=1)
     assert dicts[0]["annotations"] == [{"bbox": [0.0, 2.0, 10.0, 8.0], "bbox_mode": BoxMode.XYXY_ABS, "category_id": 0}]
     assert stats["clipped"] == 1 and stats["degenerate"] == 1
 
 
 def test_category_out_of_range_in_custom_loader_is_refused():
-    record = {"file_name": "x.png", "height": 10, "width": 10, "image_id": 1,
-              "annotations": [{"bbox": [1, 1, 2, 2], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 3}]}
+    record = {
+        "file_name": "x.png",
+        "height": 10,
+        "width": 10,
+        "image_id": 1,
+        "annotations": [{"bbox": [1, 1, 2, 2], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 3}],
+    }
     with pytest.raises(DatasetValidationError, match=r"x.png: category_id 3 is not in \[0, 2\)"):
         sanitize_annotations([record], "custom", num_classes=2)
 
@@ -128,7 +145,9 @@ def test_missing_json_or_image_folder_is_refused_with_how_to_prepare(tmp_path, m
     name = register(str(tmp_path / "synthetic" / "annotations" / "train.json"), str(tmp_path / "synthetic" / "train"))
     with pytest.raises(DatasetNotFoundError) as e:
         validated_dataset_dicts(name)
-    assert "annotation file" in str(e.value) and str(tmp_path / "synthetic" / "annotations" / "train.json") in str(e.value)
+    assert "annotation file" in str(e.value) and str(tmp_path / "synthetic" / "annotations" / "train.json") in str(
+        e.value
+    )
     assert "python datasets/prepare_synthetic.py" in str(e.value)
 
     json_path, _ = write_coco(str(tmp_path / "other"), [], [])
@@ -155,21 +174,24 @@ def _jpeg(path, h=40, w=60, exif=None):
 
 def test_missing_unreadable_truncated_and_mismatched_images_are_refused(tmp_path):
     root = tmp_path / unique_name("imgs")
-    images = [simple_image(1), dict(id=2, file_name="missing.png", height=40, width=60),
-              dict(id=3, file_name="garbage.jpg", height=40, width=60),
-              dict(id=4, file_name="truncated.jpg", height=40, width=60),
-              dict(id=5, file_name="truncated.png", height=40, width=60),
-              simple_image(6, h=30, w=60)]  # written 30 x 60
+    images = [
+        simple_image(1),
+        dict(id=2, file_name="missing.png", height=40, width=60),
+        dict(id=3, file_name="garbage.jpg", height=40, width=60),
+        dict(id=4, file_name="truncated.jpg", height=40, width=60),
+        dict(id=5, file_name="truncated.png", height=40, width=60),
+        simple_image(6, h=30, w=60),
+    ]  # written 30 x 60
     images[5]["height"] = 40  # ... but the json says 40 x 60
     annotations = [box(i, [1, 1, 5, 5]) for i in range(1, 7)]
     json_path, image_dir = write_coco(str(root), images, annotations)
     with open(os.path.join(image_dir, "garbage.jpg"), "wb") as f:
         f.write(b"this is not an image" * 10)
     _jpeg(os.path.join(image_dir, "full.jpg"))
-    data = open(os.path.join(image_dir, "full.jpg"), "rb").read()
+    data = Path(image_dir, "full.jpg").read_bytes()
     with open(os.path.join(image_dir, "truncated.jpg"), "wb") as f:
         f.write(data[: len(data) * 2 // 3])
-    data = open(os.path.join(image_dir, "0001.png"), "rb").read()
+    data = Path(image_dir, "0001.png").read_bytes()
     with open(os.path.join(image_dir, "truncated.png"), "wb") as f:
         f.write(data[: len(data) // 2])
     name = register(json_path, image_dir)
@@ -182,7 +204,10 @@ def test_missing_unreadable_truncated_and_mismatched_images_are_refused(tmp_path
     assert f"{image_dir}/garbage.jpg: cannot read the image" in message
     assert f"{image_dir}/truncated.jpg: cannot read the image" in message and "truncated" in message
     assert f"{image_dir}/truncated.png: cannot read the image" in message
-    assert f"{image_dir}/0006.png: the image is 60x30 (width x height, after EXIF orientation) but the json says 60x40" in message
+    assert (
+        f"{image_dir}/0006.png: the image is 60x30 (width x height, after EXIF orientation) but the json says 60x40"
+        in message
+    )
     assert "0001.png" not in message
 
     # The checks can be turned off; then only the header-level problems remain for the mapper.
@@ -195,7 +220,7 @@ def test_full_decode_finds_damage_that_headers_do_not_show(tmp_path):
     images = [simple_image(1, name="bad.png")]
     json_path, image_dir = write_coco(str(root), images, [box(1, [1, 1, 5, 5])])
     path = os.path.join(image_dir, "bad.png")
-    data = bytearray(open(path, "rb").read())
+    data = bytearray(Path(path).read_bytes())
     middle = len(data) // 2
     data[middle : middle + 64] = bytes(64)  # damaged pixel data; header and end marker intact
     with open(path, "wb") as f:
@@ -216,10 +241,14 @@ def test_exif_rotated_jpeg(tmp_path):
     assert read_image(str(root / "images" / "rot.jpg"), "RGB").shape == (60, 40, 3)
 
     # json with the displayed size: fine
-    json_path, image_dir = write_coco(str(root), [dict(id=1, file_name="rot.jpg", height=60, width=40)], [box(1, [1, 1, 5, 5])])
+    json_path, image_dir = write_coco(
+        str(root), [dict(id=1, file_name="rot.jpg", height=60, width=40)], [box(1, [1, 1, 5, 5])]
+    )
     assert len(validated_dataset_dicts(register(json_path, image_dir))) == 1
     # json with the stored size: the boxes were drawn on the unrotated image -> refused, explained
-    json_path, image_dir = write_coco(str(root), [dict(id=1, file_name="rot.jpg", height=40, width=60)], [box(1, [1, 1, 5, 5])])
+    json_path, image_dir = write_coco(
+        str(root), [dict(id=1, file_name="rot.jpg", height=40, width=60)], [box(1, [1, 1, 5, 5])]
+    )
     with pytest.raises(DatasetValidationError, match="EXIF orientation tag \\(6\\)"):
         validated_dataset_dicts(register(json_path, image_dir))
 

@@ -1,14 +1,13 @@
 """Config errors are reported clearly before any work."""
+
 import logging
 import os
 
 import pytest
 import torch
+from reliability_helpers import register, simple_image, write_coco
 from torch import nn
 
-from detectron2.config import LazyConfig, instantiate
-
-from reliability_helpers import register, simple_image, write_coco
 from smca_d2.checkpoint import CheckpointMismatchError, SafeCheckpointer
 from smca_d2.data import DatasetNotFoundError
 from smca_d2.engine import (
@@ -17,6 +16,8 @@ from smca_d2.engine import (
     check_num_classes,
     load_config,
 )
+
+from detectron2.config import LazyConfig, instantiate
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMO = os.path.join(REPO, "configs", "demo", "smca_r18_synthetic.py")
@@ -80,18 +81,25 @@ def test_missing_dataset_paths_are_reported_before_any_work(tmp_path, monkeypatc
     cfg = load_config(DEMO, [f"dataloader.train.dataset.names={name}"])
     with pytest.raises(DatasetNotFoundError) as e:
         check_config_datasets(cfg)
-    assert f"Dataset '{name}': the annotation file {tmp_path}/synthetic/annotations/train.json does not exist" in str(e.value)
+    assert f"Dataset '{name}': the annotation file {tmp_path}/synthetic/annotations/train.json does not exist" in str(
+        e.value
+    )
     assert "prepare_synthetic.py" in str(e.value)
 
 
 def test_num_classes_checked_against_train_and_test_datasets(tmp_path):
     json_path, image_dir = write_coco(str(tmp_path / "d"), [simple_image(1)], [dict(image_id=1, bbox=[1, 1, 5, 5])])
     train, test = register(json_path, image_dir), register(json_path, image_dir)
-    cfg = load_config(DEMO, [f"dataloader.train.dataset.names={train}", f"dataloader.test.dataset.names={test}", "model.num_classes=2"])
+    cfg = load_config(
+        DEMO,
+        [f"dataloader.train.dataset.names={train}", f"dataloader.test.dataset.names={test}", "model.num_classes=2"],
+    )
     instantiate(cfg.dataloader.train.dataset)
     check_num_classes(cfg)  # 2 categories in the json
     cfg.model.num_classes = 3
-    with pytest.raises(ValueError, match=f"model.num_classes=3 but dataset '{train}' has 2 classes \\(a, b\\). Set model.num_classes=2"):
+    with pytest.raises(
+        ValueError, match=f"model.num_classes=3 but dataset '{train}' has 2 classes \\(a, b\\). Set model.num_classes=2"
+    ):
         check_num_classes(cfg)
     # the test split is checked once its metadata is loaded (train_net loads it before training)
     cfg.dataloader.train.dataset.names = "smca_synthetic_train"

@@ -1,6 +1,7 @@
 """kill -9 of train_net.py (during a checkpoint write, and at a random moment), then --resume:
 training continues from the last complete checkpoint and ends with the same weights, optimizer
 state and iteration as a run that was never interrupted."""
+
 import os
 import random
 import signal
@@ -9,14 +10,20 @@ import time
 
 import pytest
 import torch
-
 from reliability_helpers import run_train_net, tiny, train_net_cmd, train_net_env
 
 MAX_ITER = 14
 # Augmentations (random flip) and dropout stay on: their random numbers must resume too. So does
 # the moving average of the weights.
-SETTINGS = [f"train.max_iter={MAX_ITER}", "train.checkpointer.period=2", "train.checkpointer.max_to_keep=2",
-            "train.eval_period=0", "train.seed=3", "train.ema.enabled=True", "train.ema.decay=0.9"]
+SETTINGS = [
+    f"train.max_iter={MAX_ITER}",
+    "train.checkpointer.period=2",
+    "train.checkpointer.max_to_keep=2",
+    "train.eval_period=0",
+    "train.seed=3",
+    "train.ema.enabled=True",
+    "train.ema.decay=0.9",
+]
 
 
 def _start(tmp_path, out, *extra):
@@ -68,7 +75,9 @@ def test_kill9_then_resume_matches_an_uninterrupted_run(tmp_path):
     target = rng.choice([3, 5, 7])  # the checkpoint of that iteration is the one cut short
     process = _start(tmp_path, out)
     # (should polling miss the write, the kill comes right after it: still a valid interruption)
-    _kill_when(process, lambda: (out / f"model_{target:07d}.pth.tmp").exists() or _last(out) == f"model_{target:07d}.pth")
+    _kill_when(
+        process, lambda: (out / f"model_{target:07d}.pth.tmp").exists() or _last(out) == f"model_{target:07d}.pth"
+    )
     assert process.returncode == -signal.SIGKILL
     if (out / f"model_{target:07d}.pth.tmp").exists():  # killed inside the write (almost always)
         assert _last(out) == f"model_{target - 2:07d}.pth", note  # the previous, complete checkpoint

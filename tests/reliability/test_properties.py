@@ -1,5 +1,6 @@
 """Property-based tests of the box conversions, the Hungarian matcher and the set criterion over
 random boxes, including empty sets and degenerate (zero or negative size) boxes."""
+
 import itertools
 import os
 import tempfile
@@ -8,7 +9,6 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.configuration import set_hypothesis_home_dir
-
 from torchvision.ops import box_convert
 
 from smca_d2.modeling.box_ops import box_area, box_iou, elementwise_generalized_box_iou, generalized_box_iou
@@ -36,7 +36,9 @@ size = st.one_of(st.just(0.0), st.floats(min_value=-0.5, max_value=2.0, allow_na
 @st.composite
 def xyxy_boxes(draw, min_size=0, max_size=6):
     n = draw(st.integers(min_size, max_size))
-    rows = [(x, y, x + w, y + h) for x, y, w, h in (draw(st.tuples(coordinate, coordinate, size, size)) for _ in range(n))]
+    rows = [
+        (x, y, x + w, y + h) for x, y, w, h in (draw(st.tuples(coordinate, coordinate, size, size)) for _ in range(n))
+    ]
     return torch.tensor(rows, dtype=torch.float32).reshape(n, 4)
 
 
@@ -121,14 +123,16 @@ def matching_problem(draw, max_queries=5, max_targets=5, num_classes=3):
 def test_matching_is_a_valid_optimal_one_to_one_assignment(problem):
     outputs, targets = problem
     matcher = HungarianMatcher()
-    (rows, cols), = matcher(outputs, targets)
+    ((rows, cols),) = matcher(outputs, targets)
     q, n = outputs["pred_logits"].shape[1], len(targets[0]["labels"])
     assert len(rows) == len(cols) == min(q, n)
     assert len(set(rows.tolist())) == len(rows) and len(set(cols.tolist())) == len(cols)
     assert all(0 <= r < q for r in rows.tolist()) and all(0 <= c < n for c in cols.tolist())
     if n == 0:
         return
-    cost = matcher._cost_matrix(outputs["pred_logits"][0], outputs["pred_boxes"][0], targets[0]["labels"], targets[0]["boxes"])
+    cost = matcher._cost_matrix(
+        outputs["pred_logits"][0], outputs["pred_boxes"][0], targets[0]["labels"], targets[0]["boxes"]
+    )
     assert torch.isfinite(cost).all()
     found = cost[rows, cols].sum().item()
     # brute force over every one-to-one assignment of min(q, n) pairs
@@ -149,7 +153,7 @@ def test_matching_cost_does_not_depend_on_the_order_of_targets(problem, rnd):
     matcher = HungarianMatcher()
 
     def total(t):
-        (rows, cols), = matcher(outputs, t)
+        ((rows, cols),) = matcher(outputs, t)
         if n == 0:
             return 0.0
         cost = matcher._cost_matrix(outputs["pred_logits"][0], outputs["pred_boxes"][0], t[0]["labels"], t[0]["boxes"])

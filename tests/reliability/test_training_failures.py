@@ -1,8 +1,8 @@
 """train_net.py end to end on things that go wrong: bad data, config typos, a NaN loss."""
+
 import json
 
 import torch
-
 from reliability_helpers import run_train_net, synthetic_data, tiny
 
 
@@ -14,8 +14,13 @@ def test_non_finite_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path):
     out = tmp_path / "out"
     run = run_train_net(
         tmp_path,
-        *tiny(out, "train.max_iter=8", "train.checkpointer.period=3", "train.eval_period=0",
-              "model.criterion._target_=reliability_helpers.NaNAtCall"),
+        *tiny(
+            out,
+            "train.max_iter=8",
+            "train.checkpointer.period=3",
+            "train.eval_period=0",
+            "model.criterion._target_=reliability_helpers.NaNAtCall",
+        ),
         SMCA_TEST_NAN_AT_CALL="4",
     )
     assert run.returncode != 0
@@ -28,7 +33,7 @@ def test_non_finite_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path):
     checkpoint = torch.load(out / "model_0000002.pth", weights_only=True)
     assert checkpoint["iteration"] == 2
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
-    rows = [json.loads(line) for line in open(out / "metrics.json")]
+    rows = [json.loads(line) for line in (out / "metrics.json").read_text().splitlines()]
     assert max(r["iteration"] for r in rows if "total_loss" in r) == 3  # iteration 4 never completed
 
 

@@ -1,11 +1,12 @@
 """The cheap CPU dropout masks (smca_d2.speedups.dropout): the same dropout in distribution as
 torch's, reproducible under torch.manual_seed, and the same attention as torch's modules."""
+
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import REPO
 from torch import nn
 
-from conftest import REPO
 from smca_d2.speedups.dropout import (
     FastCPUDropout,
     FastDropoutCoAttention,
@@ -198,10 +199,10 @@ def test_use_fast_cpu_dropout_reaches_every_module_and_keeps_eval_outputs():
     import copy
     import os
 
-    from detectron2.config import instantiate
-
     from smca_d2.engine import load_config
     from smca_d2.modeling.attention import SpatiallyModulatedCoAttention
+
+    from detectron2.config import instantiate
 
     cfg = load_config(os.path.join(REPO, "configs", "common", "r18_synthetic.py"))
     torch.manual_seed(0)

@@ -1,4 +1,5 @@
 """keep_freed_cpu_memory: freed tensors are reused without page faults (glibc only)."""
+
 import os
 import subprocess
 import sys
@@ -34,10 +35,15 @@ glibc_only = pytest.mark.skipif(not glibc_malloc(), reason="glibc malloc setting
 
 
 def _run(mode, **env):
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "LD_PRELOAD")
+    }
     out = subprocess.run(
         [sys.executable, "-c", SCRIPT.format(repo=REPO), mode],
-        capture_output=True, text=True, env={**clean, **env}, check=True,
+        capture_output=True,
+        text=True,
+        env={**clean, **env},
+        check=True,
     ).stdout.split()
     return out[0], int(out[1])
 

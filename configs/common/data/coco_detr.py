@@ -6,13 +6,14 @@
 # get_detection_dataset_dicts, DatasetMapper and build_detection_train_loader (same arguments):
 # the data is validated before training, an unreadable image is skipped, and --resume continues
 # the data stream where it stopped. See "What happens when" in README.md.
-from detectron2.config import LazyCall as L
-from detectron2.data import build_detection_test_loader
-from detectron2.evaluation import COCOEvaluator
 from omegaconf import OmegaConf
 
 from smca_d2.data import RobustDatasetMapper, build_resumable_train_loader, validated_dataset_dicts
 from smca_d2.data.transforms import detr_test_augmentations, detr_train_augmentations
+
+from detectron2.config import LazyCall as L
+from detectron2.data import build_detection_test_loader
+from detectron2.evaluation import COCOEvaluator
 
 dataloader = OmegaConf.create()
 dataloader.train = L(build_resumable_train_loader)(

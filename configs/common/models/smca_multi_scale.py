@@ -1,11 +1,10 @@
 # SMCA multi-scale as in the paper: res4, res5 and a stride-2 conv on res5 (strides 16/32/64),
 # intra/multi-scale encoder, per-level Gaussians with scale-selection attention in the decoder.
-from detectron2.config import LazyCall as L
-
 from smca_d2.modeling import MultiScaleEncoder
 
-from .smca_single_scale import model as _single_scale_model
+from detectron2.config import LazyCall as L
 
+from .smca_single_scale import model as _single_scale_model
 
 PAPER_BLOCKS = ["intra", "intra", "multi", "intra", "intra"]
 

@@ -1,7 +1,4 @@
 # SMCA single-scale (the official code's model): R50 C5, 6 encoder + 6 decoder layers, 300 queries.
-from detectron2.config import LazyCall as L
-from detectron2.modeling.backbone import BasicStem, ResNet
-
 from smca_d2.modeling import (
     SMCADETR,
     HungarianMatcher,
@@ -10,6 +7,9 @@ from smca_d2.modeling import (
     SMCADecoder,
     SMCATransformer,
 )
+
+from detectron2.config import LazyCall as L
+from detectron2.modeling.backbone import BasicStem, ResNet
 
 model = L(SMCADETR)(
     # torchvision-style ResNet (stride in the 3x3 conv), frozen BN, stem + res2 frozen.
