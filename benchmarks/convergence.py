@@ -292,7 +292,6 @@ def plot(summary: Dict[str, dict], path: str) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    sys.path.insert(0, ROOT)
     import smca_d2  # noqa: F401  (registers the datasets)
 
     max_iters = check_overrides(args)
@@ -329,7 +328,7 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from smca_d2.benchmarking import environment, write_json
+    from common import environment, write_json
 
     summary = summarize(results)
     env = environment("cuda" if torch.cuda.is_available() else "cpu")

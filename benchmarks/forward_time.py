@@ -18,7 +18,7 @@ import torch
 import smca_d2  # noqa: F401
 from detectron2.config import LazyConfig, instantiate
 
-from smca_d2.benchmarking import write_json
+from common import write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIGS = [

@@ -26,7 +26,7 @@ import smca_d2  # noqa: E402,F401
 from detectron2.config import instantiate  # noqa: E402
 
 from smca_d2.checkpoint import SafeCheckpointer  # noqa: E402
-from smca_d2.benchmarking import write_json  # noqa: E402
+from benchmarks.common import write_json  # noqa: E402  (benchmarks/common.py; REPO_ROOT is on sys.path)
 from smca_d2.engine import load_config, use_ema_weights  # noqa: E402
 from smca_d2.speedups import apply_speedups  # noqa: E402
 from smca_d2.speedups.memory import keeps_freed_cpu_memory  # noqa: E402

@@ -34,28 +34,21 @@ import sys
 import tempfile
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import smca_d2  # noqa: E402,F401  (detectron2 compatibility fixes)
-from smca_d2.model_zoo import resolve_config_file  # noqa: E402
-from smca_d2.checkpoint import (  # noqa: E402
+import smca_d2  # noqa: F401  (detectron2 compatibility fixes)
+from smca_d2.checkpoint import (
     check_complete,
     coco_contiguous_category_ids,
     convert_official_state_dict,
     load_official_checkpoint,
 )
+from smca_d2.model_zoo import resolve_config_file
 
-from smca_d2.checkpoint.official_code import (  # noqa: E402
-    build_official_model,
-    run_official,
-    synthetic_image,
-)
+from official_harness import build_official_model, run_official, synthetic_image  # tools/, next to this script
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "smca_single_scale_r50_50ep.py")
 TOPK = 100
 

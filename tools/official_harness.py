@@ -1,8 +1,10 @@
 """Run the official SMCA-DETR code (a user's checkout of gaopengcuhk/SMCA-DETR) next to ours.
 
-Used by ``tools/check_official_equivalence.py`` and ``benchmarks/speed.py``. The official
-``models`` and ``util`` packages are imported from the given work tree at run time; nothing of it
-is part of smca_d2. The official model is built without downloading weights.
+Used by ``tools/check_official_equivalence.py`` (imported from this folder) and the speed
+benchmark (``benchmarks/speed_models.py``, through :func:`benchmarks.common.import_tool`). It is
+not part of the installed package: the official ``models`` and ``util`` packages are imported from
+the given work tree at run time, and nothing of them is part of this repository. The official
+model is built without downloading weights.
 """
 import argparse
 import contextlib
