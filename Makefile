@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV_PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast test-long clean
 
 install:
 	@PYTHON=$(PYTHON) bash scripts/bootstrap.sh
@@ -15,13 +15,18 @@ demo: install
 	$(VENV_PY) datasets/prepare_synthetic.py
 	$(VENV_PY) train_net.py --config-file configs/demo/smca_r18_synthetic.py --num-gpus 1
 
-# Every test, the small end-to-end runs (marked `slow`) included.
+# Every test, the small end-to-end runs (marked `slow`) included; not the full-size benchmark
+# runs (marked `long`).
 test: install
-	$(VENV_PY) -m pytest tests $(PYTEST_ARGS)
+	$(VENV_PY) -m pytest tests -m "not long" $(PYTEST_ARGS)
 
 # Unit tests only.
 test-fast: install
-	$(VENV_PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+	$(VENV_PY) -m pytest tests -m "not slow and not long" $(PYTEST_ARGS)
+
+# The full-size benchmark runs (minutes each on a CPU).
+test-long: install
+	$(VENV_PY) -m pytest tests -m long $(PYTEST_ARGS)
 
 clean:
 	rm -rf .venv output .pytest_cache
