@@ -1,7 +1,7 @@
 """Run the official SMCA-DETR code (a user's checkout of gaopengcuhk/SMCA-DETR) next to ours.
 
 Used by ``tools/check_official_equivalence.py`` (imported from this folder) and the speed
-benchmark (``benchmarks/speed_models.py``, through :func:`benchmarks.common.import_tool`). It is
+benchmark (``benchmarks/speed_models.py``, through ``import_tool`` of benchmarks/common.py). It is
 not part of the installed package: the official ``models`` and ``util`` packages are imported from
 the given work tree at run time, and nothing of them is part of this repository. The official
 model is built without downloading weights.
