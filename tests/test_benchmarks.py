@@ -485,8 +485,10 @@ def test_speed_benchmark_ours_full(tmp_path):
     assert replot.returncode == 0 and "where the time goes" in replot.stdout, replot.stderr[-2000:]
 
 
+@pytest.mark.long
 @pytest.mark.skipif(not os.environ.get("SMCA_OFFICIAL_REPO"), reason="set SMCA_OFFICIAL_REPO to a checkout of SMCA-DETR")
 def test_speed_benchmark_against_official(tmp_path):
+    """Every variant and the profile of both implementations, one round (minutes on 2 cores)."""
     from speed_report import speedup_limit
 
     out = tmp_path / "speed.json"
@@ -494,7 +496,7 @@ def test_speed_benchmark_against_official(tmp_path):
         sys.executable, os.path.join(REPO, "benchmarks", "speed.py"), "--official-repo",
         os.environ["SMCA_OFFICIAL_REPO"], "--sizes", "128x160", "--train-size", "128x160",
         "--models", "smca_single_scale", "--skip", "scaling", "--warmup", "0", "--repeats", "1",
-        "--output", str(out),
+        "--train-warmup", "1", "--inference-rounds", "1", "--train-rounds", "1", "--output", str(out),
     ]
     run = subprocess.run(cmd, cwd=str(tmp_path), capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
