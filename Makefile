@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV_PY := .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast test-long lint clean
 
 install:
 	@PYTHON=$(PYTHON) bash scripts/bootstrap.sh
@@ -16,9 +16,11 @@ demo: install
 	$(VENV_PY) train_net.py --config-file configs/demo/smca_r18_synthetic.py --num-gpus 1
 
 # Lint and formatting (ruff, configured in pyproject.toml), then every test, the small
-# end-to-end runs (marked `slow`) included.
+# end-to-end runs (marked `slow`) included; not the long runs (marked `long`: the full-size
+# benchmarks and the end-to-end runs of every derived config, which `make test` covers in a
+# smaller form).
 test: install lint
-	$(VENV_PY) -m pytest tests $(PYTEST_ARGS)
+	$(VENV_PY) -m pytest tests -m "not long" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV_PY) -m ruff check .
@@ -26,7 +28,11 @@ lint: install
 
 # Unit tests only.
 test-fast: install
-	$(VENV_PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
+	$(VENV_PY) -m pytest tests -m "not slow and not long" $(PYTEST_ARGS)
+
+# The long runs only (minutes each on a CPU).
+test-long: install
+	$(VENV_PY) -m pytest tests -m long $(PYTEST_ARGS)
 
 clean:
 	rm -rf .venv output .pytest_cache

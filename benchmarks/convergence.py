@@ -23,20 +23,22 @@ Other choices::
         --config coco:detr_baseline=configs/detr_baseline_r50_50ep.py train.eval_period=7330
 
 A run whose ``metrics.json`` already holds the final evaluation is not trained again (``--force``
-retrains it), so an interrupted benchmark continues where it stopped.
+retrains it), so an interrupted benchmark continues where it stopped. The curves, the summary,
+the table and the plot are made by ``convergence_report.py``.
 """
+
 import argparse
-import json
 import os
 import re
 import subprocess
 import sys
 import time
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
+
+from convergence_report import BASELINE, plot, print_table, read_curve, summarize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BASELINE = "detr_baseline"
 OVERRIDE = re.compile(r"^\+?[A-Za-z_][\w.]*=")  # a config override, not DATASET:MODEL=CONFIG
 
 #: The built-in benchmarks: dataset -> model name -> config file (relative to the repository).
@@ -50,20 +52,27 @@ BENCHMARKS: Dict[str, Dict[str, str]] = {
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = parser.add_argument
-    add("--datasets", nargs="+", default=None, choices=sorted(BENCHMARKS),
-        help="built-in benchmarks to run (default: all, unless --config is given)")
-    add("--config", action="append", default=[], metavar="DATASET:MODEL=CONFIG",
+    add(
+        "--datasets",
+        nargs="+",
+        default=None,
+        choices=sorted(BENCHMARKS),
+        help="built-in benchmarks to run (default: all, unless --config is given)",
+    )
+    add(
+        "--config",
+        action="append",
+        default=[],
+        metavar="DATASET:MODEL=CONFIG",
         help="add a run: a LazyConfig for MODEL on DATASET (repeatable); the model named "
-        f"'{BASELINE}' is the reference of the summary")
+        f"'{BASELINE}' is the reference of the summary",
+    )
     add("--models", nargs="+", default=None, help="only these model names")
     add("--seeds", nargs="+", type=int, default=[0], help="training seeds (default: 0)")
     add("--num-gpus", type=int, default=1, help="processes per run (train_net.py --num-gpus)")
-    add("--output", default="output/benchmarks/convergence",
-        help="runs, JSON and plot go here (default: %(default)s)")
+    add("--output", default="output/benchmarks/convergence", help="runs, JSON and plot go here (default: %(default)s)")
     add("--force", action="store_true", help="retrain runs that are already complete")
     add("--plot-only", action="store_true", help="only collect existing runs and plot")
     parser.epilog = "Trailing key=value overrides (e.g. train.max_iter=200) go to every run."
@@ -98,43 +107,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def read_curve(
-    metrics_file: str, max_iter: int
-) -> Tuple[List[Dict[str, float]], Optional[int], Optional[float]]:
-    """``(evaluations, last_iteration, seconds_per_iteration)`` from a detectron2 metrics.json.
-
-    Each evaluation is ``{"iter": number of iterations trained, "AP": ..., "AP50": ..., "AP75": ...}``.
-    """
-    evaluations, last_iter, times = {}, None, []
-    if not os.path.isfile(metrics_file):
-        return [], None, None
-    with open(metrics_file) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:  # a run killed while writing its last line
-                continue
-            it = record.get("iteration")
-            if it is None:
-                continue
-            last_iter = it if last_iter is None else max(last_iter, it)
-            if "time" in record:
-                times.append(record["time"])
-            if "bbox/AP" in record:
-                # Periodic evaluations are logged at the iteration that ends the period (0-based),
-                # the final one after training, at max_iter.
-                trained = min(it + 1, max_iter)
-                evaluations[trained] = {
-                    "iter": trained,
-                    **{k: record.get(f"bbox/{k}") for k in ("AP", "AP50", "AP75")},
-                }
-    sec_per_iter = sorted(times)[len(times) // 2] if times else None
-    return [evaluations[k] for k in sorted(evaluations)], last_iter, sec_per_iter
-
-
 def ensure_dataset(dataset: str) -> None:
     """Make the generated / deepforest datasets on first use (the registered paths)."""
     from smca_d2.data.datasets import datasets_root
@@ -152,9 +124,15 @@ def ensure_dataset(dataset: str) -> None:
 
 def run_one(config: str, out_dir: str, seed: int, args) -> float:
     cmd = [
-        sys.executable, os.path.join(ROOT, "train_net.py"),
-        "--config-file", config, "--num-gpus", str(args.num_gpus),
-        f"train.output_dir={out_dir}", f"train.seed={seed}", *args.opts,
+        sys.executable,
+        os.path.join(ROOT, "train_net.py"),
+        "--config-file",
+        config,
+        "--num-gpus",
+        str(args.num_gpus),
+        f"train.output_dir={out_dir}",
+        f"train.seed={seed}",
+        *args.opts,
     ]
     os.makedirs(out_dir, exist_ok=True)
     metrics = os.path.join(out_dir, "metrics.json")
@@ -190,109 +168,16 @@ def check_overrides(args) -> Dict[Tuple[str, str], int]:
             max_iters[(dataset, model)] = max_iter_of(config, args.opts)
         except UnknownConfigKeyError as e:
             if (dataset, model) in args.runs and not args.plot_only:
-                raise SystemExit(f"{dataset}/{model} ({os.path.relpath(config, ROOT)}): {e}\n"
-                                 "Leave this model out with --models, or change its config file.")
-            print(f"note: {dataset}/{model} not reported: its config does not take the overrides",
-                  file=sys.stderr)
+                raise SystemExit(
+                    f"{dataset}/{model} ({os.path.relpath(config, ROOT)}): {e}\n"
+                    "Leave this model out with --models, or change its config file."
+                ) from None
+            print(f"note: {dataset}/{model} not reported: its config does not take the overrides", file=sys.stderr)
     return max_iters
-
-
-def summarize(runs: List[dict]) -> Dict[str, dict]:
-    """Per dataset and model: mean curve over seeds and the comparison with the baseline."""
-    summary: Dict[str, dict] = OrderedDict()
-    for run in runs:
-        ds = summary.setdefault(run["dataset"], OrderedDict())
-        ds.setdefault(run["model"], []).append(run)
-    out: Dict[str, dict] = OrderedDict()
-    for dataset, models in summary.items():
-        out[dataset] = OrderedDict()
-        for model, seed_runs in models.items():
-            iters = sorted(set.intersection(*[{e["iter"] for e in r["evaluations"]} for r in seed_runs]))
-            by_iter = [
-                [next(e["AP"] for e in r["evaluations"] if e["iter"] == it) for r in seed_runs]
-                for it in iters
-            ]
-            out[dataset][model] = {
-                "seeds": [r["seed"] for r in seed_runs],
-                "iters": iters,
-                "AP_mean": [sum(v) / len(v) for v in by_iter],
-                "AP_min": [min(v) for v in by_iter],
-                "AP_max": [max(v) for v in by_iter],
-                "AP50_final_mean": sum(r["evaluations"][-1]["AP50"] for r in seed_runs) / len(seed_runs)
-                if iters else None,
-                "sec_per_iter": sum(r["sec_per_iter"] or 0 for r in seed_runs) / len(seed_runs),
-            }
-        base = out[dataset].get(BASELINE)
-        if not base or not base["iters"]:
-            continue
-        base_final, base_iters = base["AP_mean"][-1], base["iters"][-1]
-        for model, m in out[dataset].items():
-            if model == BASELINE or not m["iters"]:
-                continue
-            reach = next((it for it, ap in zip(m["iters"], m["AP_mean"]) if ap >= base_final), None)
-            m["iters_to_baseline_final_AP"] = reach
-            m["fraction_of_baseline_iters"] = reach / base_iters if reach is not None else None
-            m["final_AP_ratio_to_baseline"] = m["AP_mean"][-1] / base_final if base_final > 0 else None
-    return out
-
-
-def print_table(summary: Dict[str, dict]) -> None:
-    header = ("dataset", "model", "iters", "final AP", "final AP50", "x baseline AP",
-              "iters to baseline's final AP", "s/iter")
-    rows = []
-    for dataset, models in summary.items():
-        for model, m in models.items():
-            if not m["iters"]:
-                continue
-            reach = m.get("iters_to_baseline_final_AP")
-            frac = m.get("fraction_of_baseline_iters")
-            ratio = m.get("final_AP_ratio_to_baseline")
-            compared = model != BASELINE and "iters_to_baseline_final_AP" in m
-            rows.append((
-                dataset, model, str(m["iters"][-1]), f"{m['AP_mean'][-1]:.2f}",
-                f"{m['AP50_final_mean']:.2f}",
-                "-" if not compared else ("n/a" if ratio is None else f"{ratio:.2f}"),
-                "-" if not compared else (
-                    "not reached" if reach is None else f"{reach} ({frac:.2f} of baseline's)"),
-                f"{m['sec_per_iter']:.3f}",
-            ))
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    print(line(header))
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in rows:
-        print(line(r))
-
-
-def plot(summary: Dict[str, dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    datasets = list(summary)
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets):
-        for model, m in summary[dataset].items():
-            if not m["iters"]:
-                continue
-            (line,) = ax.plot(m["iters"], m["AP_mean"], marker="o", ms=3, label=model)
-            if len(m["seeds"]) > 1:
-                ax.fill_between(m["iters"], m["AP_min"], m["AP_max"], color=line.get_color(), alpha=0.2)
-        seeds = {len(m["seeds"]) for m in summary[dataset].values()}
-        ax.set_title(f"{dataset} ({max(seeds)} seed{'s' if max(seeds) > 1 else ''})")
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("box AP")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    sys.path.insert(0, ROOT)
     import smca_d2  # noqa: F401  (registers the datasets)
 
     max_iters = check_overrides(args)
@@ -317,19 +202,28 @@ def main(argv=None) -> dict:
                 if train_now:
                     print(f"warning: no evaluation in {metrics}; skipped", file=sys.stderr)
                 continue
-            results.append({
-                "dataset": dataset, "model": model, "seed": seed,
-                "config": os.path.relpath(config, ROOT), "overrides": list(args.opts),
-                "max_iter": max_iter, "evaluations": evaluations,
-                "sec_per_iter": sec_per_iter, "wall_s": wall,
-            })
+            results.append(
+                {
+                    "dataset": dataset,
+                    "model": model,
+                    "seed": seed,
+                    "config": os.path.relpath(config, ROOT),
+                    "overrides": list(args.opts),
+                    "max_iter": max_iter,
+                    "evaluations": evaluations,
+                    "sec_per_iter": sec_per_iter,
+                    "wall_s": wall,
+                }
+            )
             final = evaluations[-1]
-            print(f"{dataset}/{model}/seed{seed}: AP {final['AP']:.2f} AP50 {final['AP50']:.2f} "
-                  f"at iter {final['iter']}" + (f" ({wall / 60:.1f} min)" if wall else ""), flush=True)
+            print(
+                f"{dataset}/{model}/seed{seed}: AP {final['AP']:.2f} AP50 {final['AP50']:.2f} "
+                f"at iter {final['iter']}" + (f" ({wall / 60:.1f} min)" if wall else ""),
+                flush=True,
+            )
 
     import torch
-
-    from smca_d2.benchmarking import environment, write_json
+    from common import environment, write_json
 
     summary = summarize(results)
     env = environment("cuda" if torch.cuda.is_available() else "cpu")

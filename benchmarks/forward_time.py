@@ -7,6 +7,7 @@
 Random weights (the time does not depend on them); one image per forward; the first
 ``--warmup`` runs are not timed. Prints a table and writes JSON.
 """
+
 import argparse
 import os
 import platform
@@ -14,11 +15,11 @@ import statistics
 import time
 
 import torch
+from common import write_json
 
 import smca_d2  # noqa: F401
-from detectron2.config import LazyConfig, instantiate
 
-from smca_d2.benchmarking import write_json
+from detectron2.config import LazyConfig, instantiate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIGS = [
@@ -66,12 +67,16 @@ def main():
 
     torch.manual_seed(0)
     rows = [time_config(c, args.size, args.device, args.warmup, args.repeats) for c in args.configs]
-    print(f"\ninference, one {args.size[0]}x{args.size[1]} image, {args.device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"\ninference, one {args.size[0]}x{args.size[1]} image, {args.device}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
     print(f"| {'config':34s} | {'params':>11s} | {'median s/img':>12s} | {'min s/img':>9s} |")
     print(f"|{'-' * 36}|{'-' * 13}|{'-' * 14}|{'-' * 11}|")
     for r in rows:
-        print(f"| {r['config']:34s} | {r['trainable_params']:11,d} | {r['median_s_per_image']:12.3f} | {r['min_s_per_image']:9.3f} |")
+        print(
+            f"| {r['config']:34s} | {r['trainable_params']:11,d} | {r['median_s_per_image']:12.3f} | {r['min_s_per_image']:9.3f} |"
+        )
     result = {
         "size_hw": list(args.size),
         "device": args.device,

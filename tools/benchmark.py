@@ -9,8 +9,10 @@ excluded (one batch loaded once and reused) and included (the config's data load
 Prints a table and writes JSON. The model has the config's weights if ``train.init_checkpoint``
 is set, random ones otherwise (speed does not depend on them).
 """
+
 import argparse
 import itertools
+import json
 import os
 import platform
 import time
@@ -18,13 +20,12 @@ import time
 import torch
 
 import smca_d2  # noqa: F401
-from detectron2.config import instantiate
-
 from smca_d2.checkpoint import SafeCheckpointer
-from smca_d2.benchmarking import write_json
 from smca_d2.engine import load_config, use_ema_weights
 from smca_d2.speedups import apply_speedups
 from smca_d2.speedups.memory import keeps_freed_cpu_memory
+
+from detectron2.config import instantiate
 
 
 def _sync(device):
@@ -112,8 +113,10 @@ def main():
         print(f"| inference images/s | {r['images_per_s_data_excluded']:.2f} | {r['images_per_s_data_included']:.2f} |")
     if "train" in results:
         r = results["train"]
-        print(f"| training iterations/s (batch {r['batch_size_per_process']}) | "
-              f"{r['iters_per_s_data_excluded']:.2f} | {r['iters_per_s_data_included']:.2f} |")
+        print(
+            f"| training iterations/s (batch {r['batch_size_per_process']}) | "
+            f"{r['iters_per_s_data_excluded']:.2f} | {r['iters_per_s_data_included']:.2f} |"
+        )
     record = {
         "config": args.config_file,
         "overrides": args.opts,
@@ -126,7 +129,9 @@ def main():
         "iters": args.iters,
         "results": results,
     }
-    write_json(args.output, record)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w") as f:
+        json.dump(record, f, indent=2)
     print(f"wrote {args.output}")
 
 

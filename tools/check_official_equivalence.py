@@ -27,6 +27,7 @@ float rounding may trade ranks; such swaps are matched up and counted. A negativ
 mapping deliberately broken) must fail, showing that the check can fail. Exit status 0 if
 everything passes.
 """
+
 import argparse
 import json
 import os
@@ -34,28 +35,20 @@ import sys
 import tempfile
 import time
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
+import numpy as np
+import torch
+from official_harness import build_official_model, run_official, synthetic_image  # tools/, next to this script
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import smca_d2  # noqa: E402,F401  (detectron2 compatibility fixes)
-from smca_d2.model_zoo import resolve_config_file  # noqa: E402
-from smca_d2.checkpoint import (  # noqa: E402
+import smca_d2  # noqa: F401  (detectron2 compatibility fixes)
+from smca_d2.checkpoint import (
     check_complete,
     coco_contiguous_category_ids,
     convert_official_state_dict,
     load_official_checkpoint,
 )
+from smca_d2.model_zoo import resolve_config_file
 
-from smca_d2.checkpoint.official_code import (  # noqa: E402
-    build_official_model,
-    run_official,
-    synthetic_image,
-)
-
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "smca_single_scale_r50_50ep.py")
 TOPK = 100
 
@@ -177,8 +170,11 @@ def compare(official_out, ours, sizes, num_classes, tol):
                 ),
                 # Detectron2's detector_postprocess clips boxes to the image and drops empty ones.
                 "final_instances": compare_detections(
-                    clip_and_filter(top[i], h, w), clip_and_filter(pool[i], h, w),
-                    (f.scores, f.pred_classes, f.pred_boxes.tensor), tol, box_tol,
+                    clip_and_filter(top[i], h, w),
+                    clip_and_filter(pool[i], h, w),
+                    (f.scores, f.pred_classes, f.pred_boxes.tensor),
+                    tol,
+                    box_tol,
                 ),
             }
         )
@@ -247,7 +243,9 @@ def parse_args(argv=None):
     parser.add_argument("--tol", type=float, default=1e-4)
     parser.add_argument("--output", default=None, help="write the results as JSON here")
     parser.add_argument(
-        "--threads", type=int, default=None,
+        "--threads",
+        type=int,
+        default=None,
         help="torch intra-op threads (default: torch's choice; 1 is much faster on a busy CPU)",
     )
     return parser.parse_args(argv)
@@ -310,8 +308,11 @@ def main(argv=None) -> int:
         key = f"transformer.decoder.layers.2.scale_head.{suffix}"
         converted[key] = converted[key].reshape(shape).flip(1).reshape(converted[key].shape).clone()
     control = compare(
-        official_single, run_ours(build_our_model(args.config, 92, converted, args.device), [first], args.device),
-        sizes_single, 92, args.tol,
+        official_single,
+        run_ours(build_our_model(args.config, 92, converted, args.device), [first], args.device),
+        sizes_single,
+        92,
+        args.tol,
     )
     results["negative_control"] = {
         "perturbation": "x/y Gaussian scales of decoder layer 2 swapped",

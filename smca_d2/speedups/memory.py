@@ -3,9 +3,8 @@
 By default glibc serves every request above its mmap threshold (128 KiB, rising to at most
 32 MiB) with a fresh ``mmap`` and unmaps it when it is freed, and hands the top of its heap back
 to the kernel once that exceeds the trim threshold. A training step on the CPU allocates and
-frees gigabytes of activations, so every step faults its memory in again, page by page
-(``benchmarks/speed.py`` counts the minor page faults with ``getrusage``). With mmap and trimming
-off, what one step frees is reused by the next: no page faults once the heap has grown to the step's peak.
+frees gigabytes of activations, so every step faults its memory in again, page by page. With
+mmap and trimming off, what one step frees is reused by the next: no page faults once the heap has grown to the step's peak.
 
 The cost: the process keeps its peak memory until it exits, which a training process does
 anyway. The settings apply to the whole process: :func:`smca_d2.speedups.apply_speedups` uses

@@ -1,9 +1,12 @@
 """Run the official SMCA-DETR code (a user's checkout of gaopengcuhk/SMCA-DETR) next to ours.
 
-Used by ``tools/check_official_equivalence.py`` and ``benchmarks/speed.py``. The official
-``models`` and ``util`` packages are imported from the given work tree at run time; nothing of it
-is part of smca_d2. The official model is built without downloading weights.
+Used by ``tools/check_official_equivalence.py`` (imported from this folder) and the speed
+benchmark (``benchmarks/speed_models.py``, through ``import_tool`` of benchmarks/common.py). It is
+not part of the installed package: the official ``models`` and ``util`` packages are imported from
+the given work tree at run time, and nothing of them is part of this repository. The official
+model is built without downloading weights.
 """
+
 import argparse
 import contextlib
 import os
@@ -45,7 +48,9 @@ def _official_import_context(repo: str):
     for m in clashes:
         origin = os.path.abspath(getattr(sys.modules[m], "__file__", "") or "")
         if not origin.startswith(os.path.abspath(repo) + os.sep):
-            raise RuntimeError(f"a module named {m!r} is already imported from {origin}; cannot import the official code")
+            raise RuntimeError(
+                f"a module named {m!r} is already imported from {origin}; cannot import the official code"
+            )
     real_version = torchvision.__version__
     sys.path.insert(0, repo)
     torchvision.__version__ = "1.0"
@@ -60,15 +65,50 @@ def official_args(device: str, **overrides) -> argparse.Namespace:
     """The official main.py's arguments for the single-scale SMCA R50 model (type3 scales);
     ``overrides`` replace some (e.g. ``num_queries=100``)."""
     args = argparse.Namespace(
-        lr=1e-4, lr_backbone=1e-5, batch_size=2, weight_decay=1e-4, epochs=50, lr_drop=40,
-        clip_max_norm=0.1, smooth=8.0, dynamic_scale="type3", frozen_weights=None,
-        backbone="resnet50", dilation=False, position_embedding="sine", enc_layers=6, dec_layers=6,
-        dim_feedforward=2048, hidden_dim=256, dropout=0.1, nheads=8, num_queries=300,
-        pre_norm=False, masks=False, aux_loss=True, set_cost_class=2.0, set_cost_bbox=5.0,
-        set_cost_giou=2.0, mask_loss_coef=1.0, dice_loss_coef=1.0, bbox_loss_coef=5.0,
-        giou_loss_coef=2.0, eos_coef=0.1, dataset_file="coco", coco_path=None,
-        coco_panoptic_path=None, remove_difficult=False, output_dir="", device=device, seed=42,
-        resume="", start_epoch=0, eval=False, num_workers=2, world_size=1, dist_url="env://",
+        lr=1e-4,
+        lr_backbone=1e-5,
+        batch_size=2,
+        weight_decay=1e-4,
+        epochs=50,
+        lr_drop=40,
+        clip_max_norm=0.1,
+        smooth=8.0,
+        dynamic_scale="type3",
+        frozen_weights=None,
+        backbone="resnet50",
+        dilation=False,
+        position_embedding="sine",
+        enc_layers=6,
+        dec_layers=6,
+        dim_feedforward=2048,
+        hidden_dim=256,
+        dropout=0.1,
+        nheads=8,
+        num_queries=300,
+        pre_norm=False,
+        masks=False,
+        aux_loss=True,
+        set_cost_class=2.0,
+        set_cost_bbox=5.0,
+        set_cost_giou=2.0,
+        mask_loss_coef=1.0,
+        dice_loss_coef=1.0,
+        bbox_loss_coef=5.0,
+        giou_loss_coef=2.0,
+        eos_coef=0.1,
+        dataset_file="coco",
+        coco_path=None,
+        coco_panoptic_path=None,
+        remove_difficult=False,
+        output_dir="",
+        device=device,
+        seed=42,
+        resume="",
+        start_epoch=0,
+        eval=False,
+        num_workers=2,
+        world_size=1,
+        dist_url="env://",
     )
     unknown = set(overrides) - set(vars(args))
     if unknown:
@@ -88,7 +128,9 @@ def import_official(repo: str):
     return official_backbone, official_detr, official_misc
 
 
-def build_official_model(repo: str, device: str, seed: int, randomize: bool = True, with_criterion: bool = False, **overrides):
+def build_official_model(
+    repo: str, device: str, seed: int, randomize: bool = True, with_criterion: bool = False, **overrides
+):
     """The official single-scale model (eval mode) with seeded weights, its arguments and its
     ``util.misc`` module (and its criterion first if ``with_criterion``).
 
@@ -158,8 +200,14 @@ def official_targets(images: Sequence[torch.Tensor], boxes_xyxy=None, labels=Non
             scale = torch.tensor([w, h, w, h], dtype=b.dtype, device=device)
             xyxy = b / scale
             t["boxes"] = torch.stack(
-                [(xyxy[:, 0] + xyxy[:, 2]) / 2, (xyxy[:, 1] + xyxy[:, 3]) / 2,
-                 xyxy[:, 2] - xyxy[:, 0], xyxy[:, 3] - xyxy[:, 1]], dim=-1)
+                [
+                    (xyxy[:, 0] + xyxy[:, 2]) / 2,
+                    (xyxy[:, 1] + xyxy[:, 3]) / 2,
+                    xyxy[:, 2] - xyxy[:, 0],
+                    xyxy[:, 3] - xyxy[:, 1],
+                ],
+                dim=-1,
+            )
             t["labels"] = labels[i].to(device)
         targets.append(t)
     return targets
