@@ -32,6 +32,7 @@ from smca_d2.inference.demo import (
     run_on_video,
 )
 from smca_d2.model_zoo import ConfigNotFoundError
+from smca_d2.speedups import keep_freed_cpu_memory
 
 from detectron2.data.detection_utils import read_image
 from detectron2.utils.logger import setup_logger
@@ -112,6 +113,8 @@ def main(argv=None) -> int:
         logger.error("%s", e)
         return 2
     logger.info("checkpoint: %s", predictor.checkpoint or "(none: random weights)")
+    if predictor.device.type == "cpu":
+        keep_freed_cpu_memory()  # one image's buffers reused by the next (no page faults)
     if args.input:
         run_images(predictor, args, logger)
     else:

@@ -391,8 +391,12 @@ def test_worker_builds_each_variant_with_its_speedups(monkeypatch):
     assert len(calls) == 2  # the plain model gets none
 
 
-def test_worker_inference_and_outputs(tmp_path, speed):
+def test_worker_inference_and_outputs(tmp_path, speed, monkeypatch):
     from speed_worker import run_worker
+
+    from smca_d2.speedups import memory
+
+    monkeypatch.setattr(memory, "_applied", False)  # as in the worker's own fresh process
 
     plain = run_worker(_worker_spec("inference", impl="ours", speedups=None))
     optimized = run_worker(_worker_spec("inference", impl="ours", speedups={}, optimize=True))

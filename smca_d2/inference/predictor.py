@@ -274,10 +274,10 @@ class LazyPredictor:
             input_format: "BGR" (OpenCV, the default) or "RGB": channel order of the images
                 that will be passed to :meth:`__call__`.
             overrides: ``key=value`` config overrides.
-            optimize: apply the inference speed-ups of :mod:`smca_d2.speedups` after loading,
-                as ``train.speedups`` has them (batch norms folded into convolutions, a
-                channels-last backbone and malloc keeping freed memory on the CPU; the same
-                outputs to float rounding).
+            optimize: apply the inference speed-ups of :mod:`smca_d2.speedups` to the model after
+                loading (batch norms folded into convolutions, a channels-last backbone on the
+                CPU; the same outputs to float rounding). The process-wide malloc setting
+                (:func:`smca_d2.speedups.keep_freed_cpu_memory`) is the caller's choice.
         """
         if input_format not in IMAGE_FORMATS:
             raise ValueError(f"input_format must be one of {IMAGE_FORMATS}, got {input_format!r}")
@@ -303,7 +303,9 @@ class LazyPredictor:
                 "LazyPredictor: no checkpoint given, the model has random weights: the detections will be meaningless"
             )
         if optimize:
-            speedups = _select(self.cfg, "train.speedups", None)
+            # The model's speed-ups only: malloc's settings are the process's, left to the
+            # application (demo/demo.py keeps freed memory on the CPU).
+            speedups = {**(_select(self.cfg, "train.speedups", None) or {}), "keep_freed_cpu_memory": False}
             apply_speedups(self.model, speedups, device=self.device.type, training=False)
 
         self.augmentations = T.AugmentationList(build_test_augmentations(self.cfg))
