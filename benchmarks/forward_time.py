@@ -5,7 +5,9 @@
     python benchmarks/forward_time.py --size 800 1333 --device cuda --output out.json
 
 Random weights (the time does not depend on them); one image per forward; the first
-``--warmup`` runs are not timed. Prints a table and writes JSON.
+``--warmup`` runs are not timed. Each model gets the inference speed-ups of its config's
+``train.speedups``, as LazyPredictor and ``train_net.py --eval-only`` run it (``--plain``: the
+model as built). Prints a table and writes JSON.
 """
 
 import argparse
@@ -18,6 +20,7 @@ import torch
 from common import write_json
 
 import smca_d2  # noqa: F401
+from smca_d2.speedups import apply_speedups
 
 from detectron2.config import LazyConfig, instantiate
 
@@ -29,10 +32,13 @@ DEFAULT_CONFIGS = [
 ]
 
 
-def time_config(name, size, device, warmup, repeats):
+def time_config(name, size, device, warmup, repeats, plain=False):
     cfg = LazyConfig.load(os.path.join(REPO, "configs", name))
     model = instantiate(cfg.model).to(device).eval()
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if not plain:  # the model's speed-ups only: this process's malloc is left as it is
+        speedups = {**cfg.train.get("speedups", {}), "keep_freed_cpu_memory": False}
+        apply_speedups(model, speedups, device=device, training=False)
     h, w = size
     inputs = [{"image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8).float().to(device)}]
     times = []
@@ -62,14 +68,15 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--plain", action="store_true", help="time the models as built, without speed-ups")
     parser.add_argument("--output", default="output/benchmarks/forward_time.json")
     args = parser.parse_args()
 
     torch.manual_seed(0)
-    rows = [time_config(c, args.size, args.device, args.warmup, args.repeats) for c in args.configs]
+    rows = [time_config(c, args.size, args.device, args.warmup, args.repeats, args.plain) for c in args.configs]
     print(
         f"\ninference, one {args.size[0]}x{args.size[1]} image, {args.device}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
+        f"{torch.get_num_threads()} threads" + (", models as built (no speed-ups)" if args.plain else "")
     )
     print(f"| {'config':34s} | {'params':>11s} | {'median s/img':>12s} | {'min s/img':>9s} |")
     print(f"|{'-' * 36}|{'-' * 13}|{'-' * 14}|{'-' * 11}|")
@@ -80,6 +87,7 @@ def main():
     result = {
         "size_hw": list(args.size),
         "device": args.device,
+        "speedups": not args.plain,
         "machine": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
