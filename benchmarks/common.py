@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmark scripts (benchmarks/*.py, tools/benchmark.py): the record of
+"""Shared pieces of the benchmark scripts (benchmarks/*.py): the record of
 the machine a figure was measured on, writing a result as JSON, and importing a script of
 ``tools/``. Not part of the installed package: the scripts of this folder import it as
 ``common`` (a script's own folder is on ``sys.path``)."""

@@ -5,9 +5,9 @@
     python benchmarks/forward_time.py --size 800 1333 --device cuda --output out.json
 
 Random weights (the time does not depend on them); one image per forward; the first
-``--warmup`` runs are not timed. Each model gets the inference speed-ups of its config's
-``train.speedups``, as LazyPredictor and ``train_net.py --eval-only`` run it (``--plain``: the
-model as built). Prints a table and writes JSON.
+``--warmup`` runs are not timed. Each model gets the inference speed-ups
+(``smca_d2.speedups.optimize_for_inference``), as LazyPredictor and ``train_net.py --eval-only``
+run it (``--plain``: the model as built). Prints a table and writes JSON.
 """
 
 import argparse
@@ -20,7 +20,7 @@ import torch
 from common import write_json
 
 import smca_d2  # noqa: F401
-from smca_d2.speedups import apply_speedups
+from smca_d2.speedups import optimize_for_inference
 
 from detectron2.config import LazyConfig, instantiate
 
@@ -37,8 +37,7 @@ def time_config(name, size, device, warmup, repeats, plain=False):
     model = instantiate(cfg.model).to(device).eval()
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if not plain:  # the model's speed-ups only: this process's malloc is left as it is
-        speedups = {**cfg.train.get("speedups", {}), "keep_freed_cpu_memory": False}
-        apply_speedups(model, speedups, device=device, training=False)
+        optimize_for_inference(model)
     h, w = size
     inputs = [{"image": torch.randint(0, 256, (3, h, w), dtype=torch.uint8).float().to(device)}]
     times = []

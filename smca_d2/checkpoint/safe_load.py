@@ -40,7 +40,7 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
-from .official import UnsafeCheckpointError
+from .official import UnsafeCheckpointError, rename_official_decoder_key
 
 __all__ = [
     "EMA_KEY",
@@ -399,8 +399,6 @@ class SafeCheckpointer(DetectionCheckpointer):
     def _rename_decoder_modules(self, loaded: Dict[str, Any], filename: str) -> Dict[str, Any]:
         """Checkpoints written by smca_d2 0.1 name the decoder modules as the official code does
         (``point1``, ``norm4``, ...): give their weights today's names (the same tensors)."""
-        from .official import rename_official_decoder_key
-
         renamed = dict(loaded)
         count = 0
         for entry in ("model", EMA_KEY):

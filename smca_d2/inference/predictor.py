@@ -26,7 +26,7 @@ from omegaconf import DictConfig
 from smca_d2.checkpoint import SafeCheckpointer
 from smca_d2.engine.config import load_config
 from smca_d2.engine.ema import use_ema_weights
-from smca_d2.speedups import apply_speedups
+from smca_d2.speedups import optimize_for_inference
 
 from detectron2.config import instantiate
 from detectron2.data import MetadataCatalog
@@ -305,8 +305,7 @@ class LazyPredictor:
         if optimize:
             # The model's speed-ups only: malloc's settings are the process's, left to the
             # application (demo/demo.py keeps freed memory on the CPU).
-            speedups = {**(_select(self.cfg, "train.speedups", None) or {}), "keep_freed_cpu_memory": False}
-            apply_speedups(self.model, speedups, device=self.device.type, training=False)
+            optimize_for_inference(self.model)
 
         self.augmentations = T.AugmentationList(build_test_augmentations(self.cfg))
         self._metadata = None
