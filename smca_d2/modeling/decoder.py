@@ -146,7 +146,10 @@ class DecoderLayer(nn.Module):
 
         ref_logit = None
         if self.center_head is not None:
-            ref_logit = self.center_head(out)
+            # In float32 under autocast too: the center places the Gaussian and, through the
+            # reference logit, the predicted box (see SMCADETR.forward_outputs).
+            with torch.autocast(device_type=out.device.type, enabled=False):
+                ref_logit = self.center_head(out.float())
             ref = ref_logit.sigmoid()
         biases = self._attention_biases(out, ref, key_padding_masks, level_shapes, level_strides, image_wh, beta)
         level_weights = self.scale_selection(out).softmax(-1) if self.scale_selection is not None else None

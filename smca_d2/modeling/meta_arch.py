@@ -5,6 +5,7 @@ from typing import Dict, List, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torchvision.ops import box_convert
 
 from detectron2.modeling import META_ARCH_REGISTRY, Backbone, detector_postprocess
@@ -120,17 +121,26 @@ class SMCADETR(nn.Module):
     @staticmethod
     def padding_mask(images: ImageList) -> torch.Tensor:
         """bool [B, H, W], True on the pixels added by batching."""
-        b, _, h, w = images.tensor.shape
-        mask = torch.ones((b, h, w), dtype=torch.bool, device=images.tensor.device)
-        for i, (image_h, image_w) in enumerate(images.image_sizes):
-            mask[i, :image_h, :image_w] = False
-        return mask
+        # Comparisons rather than slice assignment: with symbolic sizes (torch.export with
+        # dynamic image sizes) slicing would specialise the graph to the example's padding.
+        h, w = images.tensor.shape[-2:]
+        device = images.tensor.device
+        rows = torch.arange(h, device=device)
+        cols = torch.arange(w, device=device)
+        masks = [(rows >= image_h)[:, None] | (cols >= image_w)[None, :] for image_h, image_w in images.image_sizes]
+        return torch.stack(masks)
 
     @staticmethod
     def has_padding(images: ImageList) -> bool:
-        """Whether batching padded any image (decided from the sizes, without reading a tensor)."""
-        padded_size = tuple(images.tensor.shape[-2:])
-        return any(tuple(size) != padded_size for size in images.image_sizes)
+        """Whether batching padded any image (decided from the sizes, without reading a tensor).
+
+        Under ``torch.export`` with dynamic image sizes the answer depends on the size: it is
+        True unless the sizes are known to be equal for every input, so the exported graph
+        always carries the padding mask."""
+        padded_h, padded_w = images.tensor.shape[-2:]
+        return not all(
+            statically_known_true(h == padded_h) and statically_known_true(w == padded_w) for h, w in images.image_sizes
+        )
 
     def _levels(self, images: ImageList):
         """Projected feature levels with their padding masks and position encodings."""
@@ -163,10 +173,15 @@ class SMCADETR(nn.Module):
         shapes = [tuple(f.shape[-2:]) for f, _, _ in levels]
         image_wh = torch.tensor([[w, h] for h, w in images.image_sizes], dtype=torch.float32, device=src.device)
         hs, ref_logit = self.transformer(src, pos, mask, self.query_embed.weight, shapes, self.level_strides, image_wh)
-        logits = self.class_embed(hs)
-        deltas = self.bbox_embed(hs)
-        # Box centers are predicted relative to the query's Gaussian center (in logit space).
-        boxes = torch.cat([deltas[..., :2] + ref_logit, deltas[..., 2:]], dim=-1).sigmoid()
+        # The heads run in float32 under autocast too: in bfloat16 the box head's output, the
+        # reference logit it is added to and the sigmoid would round the boxes to a few pixels
+        # of a full-size image, before the loss and in the detections.
+        with torch.autocast(device_type=hs.device.type, enabled=False):
+            hs, ref_logit = hs.float(), ref_logit.float()
+            logits = self.class_embed(hs)
+            deltas = self.bbox_embed(hs)
+            # Box centers are predicted relative to the query's Gaussian center (in logit space).
+            boxes = torch.cat([deltas[..., :2] + ref_logit, deltas[..., 2:]], dim=-1).sigmoid()
         return {
             "pred_logits": logits[-1],
             "pred_boxes": boxes[-1],

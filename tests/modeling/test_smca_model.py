@@ -13,7 +13,7 @@ from smca_d2.modeling.attention import padding_bias
 from detectron2.config import LazyConfig, instantiate
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import Backbone
-from detectron2.structures import Boxes, Instances
+from detectron2.structures import Boxes, ImageList, Instances
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
@@ -346,3 +346,29 @@ def test_wrong_levels_and_bad_config_fail_clearly():
     cfg.in_features = ["res4"]
     with pytest.raises(ValueError, match="res4"):
         instantiate(cfg)
+
+
+def test_heads_run_in_float32_under_bf16_autocast():
+    """Under CPU bfloat16 autocast the class and box heads and the reference addition are
+    computed in float32: the boxes equal the float32 computation from the same decoder output."""
+    torch.manual_seed(0)
+    model = instantiate(shrink(load_model_cfg("smca_single_scale_r50_50ep.py"), layers=1)).eval()
+    captured = {}
+    model.transformer.register_forward_hook(lambda module, args, out: captured.update(hs=out[0], ref_logit=out[1]))
+    images = ImageList.from_tensors([(torch.rand(3, 96, 128) * 255 - model.pixel_mean) / model.pixel_std], 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.forward_outputs(images)
+    assert out["pred_boxes"].dtype == out["pred_logits"].dtype == torch.float32
+    with torch.no_grad():
+        hs, ref_logit = captured["hs"][-1].float(), captured["ref_logit"].float()
+        deltas = model.bbox_embed(hs)
+        boxes = torch.cat([deltas[..., :2] + ref_logit, deltas[..., 2:]], dim=-1).sigmoid()
+        logits = model.class_embed(hs)
+    torch.testing.assert_close(out["pred_boxes"], boxes, rtol=0, atol=0)
+    torch.testing.assert_close(out["pred_logits"], logits, rtol=0, atol=0)
+    # Left to autocast, the box head would round its output to bfloat16.
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = model.bbox_embed(hs)
+    assert rounded.dtype == torch.bfloat16 and not torch.equal(rounded.float(), deltas)
+    # The Gaussian centers (the reference logits) are float32 too.
+    assert captured["ref_logit"].dtype == torch.float32
