@@ -69,7 +69,7 @@ setup(
     ],
     extras_require={
         "plots": ["matplotlib"],
-        "export": ["onnx", "onnxscript", "onnxruntime"],
+        "export": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"],
         "test": ["pytest>=7", "hypothesis>=6", "matplotlib"],
         "dev": ["pytest>=7", "hypothesis>=6", "matplotlib", "ruff>=0.6"],
     },

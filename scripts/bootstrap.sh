@@ -54,7 +54,7 @@ if "$PYTHON" -c 'import sys; sys.exit(sys.version_info >= (3, 11))'; then
 fi
 # The base is keyed by what goes into it; BASE_LAYOUT is raised when build_base changes.
 BASE_LAYOUT=2
-key="$(cat requirements/base.txt requirements/test.txt requirements/constraints.txt \
+key="$(cat requirements/base.txt requirements/test.txt requirements/export.txt requirements/constraints.txt \
         <(echo "$BASE_LAYOUT $pyver $TORCH_PINS $d2_key") | sha256sum | cut -c1-16)"
 if [[ -n "$D2_SRC" ]]; then key="d2src-$key"; fi
 if [[ "${SMCA_D2_SYSTEM_SITE:-0}" == "1" ]]; then key="system-$key"; fi
@@ -120,7 +120,7 @@ install_detectron2() {
 install_requirements() {
   local py="$1"
   "$py" -m pip install "${PIP_QUIET[@]}" "${PINS[@]}" \
-    -r requirements/base.txt -r requirements/test.txt 2> >(grep -v "is ignored" >&2)
+    -r requirements/base.txt -r requirements/test.txt -r requirements/export.txt 2> >(grep -v "is ignored" >&2)
 }
 
 # Into a .venv that sees the user's packages: install only the requirements that are not there,
@@ -129,7 +129,7 @@ install_missing_requirements() {
   local py="$1" missing pins
   pins="$(mktemp)"
   missing="$("$py" scripts/missing_requirements.py --constraints "$pins" \
-      requirements/base.txt requirements/test.txt)"
+      requirements/base.txt requirements/test.txt requirements/export.txt)"
   if [[ -n "$missing" ]]; then
     log "installing what is missing: $(echo $missing)"
     # shellcheck disable=SC2086
