@@ -46,6 +46,8 @@ from smca_d2.engine import (
     check_device,
     check_num_classes,
     describe_config_changes,
+    inference_autocast,
+    inference_dtype,
     load_config,
     use_ema_weights,
 )
@@ -62,8 +64,9 @@ from detectron2.utils.logger import setup_logger
 logger = logging.getLogger("smca_d2")
 
 
-def do_test(cfg, model, test_loader=None, ema=None):
-    """Evaluate ``model`` (with the averaged weights of ``ema`` when given)."""
+def do_test(cfg, model, test_loader=None, ema=None, autocast_dtype=None):
+    """Evaluate ``model`` (with the averaged weights of ``ema`` when given; under autocast of
+    ``autocast_dtype`` when given)."""
     if "evaluator" not in cfg.dataloader:
         return {}
     if test_loader is None:
@@ -72,11 +75,25 @@ def do_test(cfg, model, test_loader=None, ema=None):
     if ema is not None:
         logger.info(f"Evaluating the averaged (EMA) weights, {ema.num_updates} updates")
         weights = ema.weights_in_model()
-    with weights:
+    with weights, inference_autocast(torch.device(cfg.train.device).type, autocast_dtype):
         results = inference_on_dataset(model, test_loader, instantiate(cfg.dataloader.evaluator))
     if comm.is_main_process():
         print_csv_format(results)
     return results
+
+
+def eval_autocast_dtype(cfg):
+    """``--eval-only`` with ``train.amp.enabled=True`` evaluates under autocast of
+    ``train.amp.precision`` (bfloat16 on the CPU by default; float32 on a CPU without bfloat16
+    instructions, with a warning). Evaluations during training run in float32."""
+    if not cfg.train.amp.enabled:
+        return None
+    device_type = torch.device(cfg.train.device).type
+    name = str(amp_dtype(device_type, cfg.train.amp.precision)).replace("torch.", "")
+    dtype = inference_dtype(device_type, name)
+    if dtype is not None:
+        logger.info(f"Evaluating under {name} autocast (train.amp.enabled=True)")
+    return dtype
 
 
 def do_train(args, cfg):
@@ -163,7 +180,7 @@ def main(args):
         checkpointer.load(cfg.train.init_checkpoint)
         warn_if_untrained(bare, untrained_keys(checkpointer), cfg.train.init_checkpoint)
         apply_speedups(bare, cfg.train.speedups, device=cfg.train.device, training=False)
-        return do_test(cfg, model)
+        return do_test(cfg, model, autocast_dtype=eval_autocast_dtype(cfg))
     do_train(args, cfg)
 
 

@@ -92,10 +92,15 @@ def test_train_checkpoint_resume_eval(tmp_path):
         *tiny_overrides(out),
         "train.init_checkpoint=",
         "train.speedups.keep_freed_cpu_memory=False",
+        "train.amp.enabled=True",
         check=False,
     )
     assert untrained.returncode == 0, untrained.stderr[-3000:]
     assert "the detections will be meaningless" in untrained.stdout + untrained.stderr
+    # --eval-only with train.amp.enabled evaluates under bfloat16 autocast on the CPU (float32,
+    # with a warning, on a CPU without bfloat16 instructions).
+    log = untrained.stdout + untrained.stderr
+    assert "Evaluating under bfloat16 autocast" in log or "no bfloat16 instructions" in log
 
 
 @pytest.mark.slow

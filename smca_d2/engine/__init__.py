@@ -1,6 +1,6 @@
 """Checks and helpers used by train_net.py."""
 
-from .amp import AMPTrainer, amp_dtype
+from .amp import AMPTrainer, amp_dtype, inference_autocast, inference_dtype
 from .checks import check_device, check_num_classes
 from .config import (
     ConfigChange,
@@ -30,6 +30,8 @@ __all__ = [
     "check_num_classes",
     "check_override_keys",
     "describe_config_changes",
+    "inference_autocast",
+    "inference_dtype",
     "load_config",
     "use_ema_weights",
 ]

@@ -11,15 +11,16 @@ float16 on CUDA and bfloat16 on the CPU. float16 losses are scaled by a ``GradSc
 (saved in the checkpoints as ``"grad_scaler"``); bfloat16 has float32's range and needs none.
 """
 
+import contextlib
 import logging
 import time
-from typing import Optional
+from typing import ContextManager, Optional
 
 import torch
 
 from detectron2.engine import SimpleTrainer
 
-__all__ = ["AMPTrainer", "amp_dtype"]
+__all__ = ["AMPTrainer", "amp_dtype", "inference_autocast", "inference_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,42 @@ def _cpu_has_fast_bfloat16() -> bool:
         return bool(check()) if check is not None else False
     except RuntimeError:
         return False
+
+
+#: Precisions :func:`inference_autocast` accepts: float32 (no autocast) and the autocast types.
+INFERENCE_PRECISIONS = ("float32",) + tuple(_PRECISIONS)
+
+
+def inference_dtype(device_type: str, precision: Optional[str] = "float32") -> Optional[torch.dtype]:
+    """The autocast type for computing detections at ``precision`` on ``device_type``, or None
+    for float32 (no autocast).
+
+    "float32" (or None): None. "bfloat16" / "float16": that type; under its autocast SMCA keeps
+    the attention logits and softmax, the Gaussian centers and the class and box heads in
+    float32. On a CPU without bfloat16 instructions (AVX512-BF16 or AMX), bfloat16 would be
+    slower than float32: None, with a warning. float16 runs on CUDA only.
+
+    Raises:
+        ValueError: an unknown precision, or float16 on the CPU.
+    """
+    if precision is None or precision == "float32":
+        return None
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision={precision!r}: use one of {', '.join(INFERENCE_PRECISIONS)}")
+    if device_type == "cpu" and precision == "float16":
+        raise ValueError("precision='float16' runs on CUDA; on the CPU use 'bfloat16' or 'float32'")
+    if device_type == "cpu" and not _cpu_has_fast_bfloat16():
+        logger.warning("this CPU has no bfloat16 instructions (AVX512-BF16 / AMX): computing in float32")
+        return None
+    return _PRECISIONS[precision]
+
+
+def inference_autocast(device_type: str, dtype: Optional[torch.dtype]) -> ContextManager:
+    """``torch.autocast(device_type, dtype)``, or a no-op context for ``dtype`` None (see
+    :func:`inference_dtype`)."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
 
 
 class AMPTrainer(SimpleTrainer):

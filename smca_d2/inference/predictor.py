@@ -24,6 +24,7 @@ import torch
 from omegaconf import DictConfig
 
 from smca_d2.checkpoint import SafeCheckpointer
+from smca_d2.engine.amp import inference_autocast, inference_dtype
 from smca_d2.engine.config import load_config
 from smca_d2.engine.ema import use_ema_weights
 from smca_d2.speedups import optimize_for_inference
@@ -248,6 +249,7 @@ class LazyPredictor:
         augmentations: the test-time augmentations.
         input_format: channel order of the images given to :meth:`__call__`.
         model_format: channel order the model expects.
+        autocast_dtype: the autocast type of ``precision`` here, None for float32.
         missing_weights: the state-dict keys of the model as built (before ``optimize``) that the
             checkpoint did not provide (all of them without a checkpoint); empty when every
             weight was loaded.
@@ -262,6 +264,7 @@ class LazyPredictor:
         input_format: str = "BGR",
         overrides: Optional[List[str]] = None,
         optimize: bool = True,
+        precision: str = "float32",
     ):
         """
         Args:
@@ -278,11 +281,16 @@ class LazyPredictor:
                 loading (batch norms folded into convolutions, a channels-last backbone on the
                 CPU; the same outputs to float rounding). The process-wide malloc setting
                 (:func:`smca_d2.speedups.keep_freed_cpu_memory`) is the caller's choice.
+            precision: "float32" (the default), "bfloat16" (CPUs with AVX512-BF16 or AMX, and
+                CUDA; elsewhere float32 with a warning) or "float16" (CUDA): the autocast type
+                of the forward pass, with the attention logits and softmax, the Gaussian centers
+                and the heads in float32 (:func:`smca_d2.engine.inference_dtype`).
         """
         if input_format not in IMAGE_FORMATS:
             raise ValueError(f"input_format must be one of {IMAGE_FORMATS}, got {input_format!r}")
         self.cfg = load_config(cfg_or_path, overrides)
         self.device = torch.device(device or _default_device(self.cfg))
+        self.autocast_dtype = inference_dtype(self.device.type, precision)
         self.model = instantiate(self.cfg.model).to(self.device)
         self.model.eval()
         self.input_format = input_format
@@ -365,7 +373,9 @@ class LazyPredictor:
             ``scores``, ``pred_classes``, sorted by decreasing score.
         """
         inputs = self.preprocess(image)
-        return self.model([inputs])[0]["instances"].to("cpu")
+        with inference_autocast(self.device.type, self.autocast_dtype):
+            instances = self.model([inputs])[0]["instances"]
+        return instances.to("cpu")
 
     def __call__(self, image: np.ndarray) -> Dict[str, Instances]:
         """Detections on one image, in the form Detectron2's ``DefaultPredictor`` returns them.

@@ -253,3 +253,32 @@ def test_missing_weight_helpers_for_other_loaders(checkpoint):
     parts = missing_weight_parts(model, [k for k in model.state_dict() if not k.startswith("backbone.")])
     assert "backbone" not in parts and parts["transformer"][0] == parts["transformer"][1] > 0
     assert missing_weight_parts(model, []) == {}
+
+
+def test_bfloat16_precision_gives_the_float32_detections_to_rounding(checkpoint):
+    path, _ = checkpoint
+    image = random_image(120, 160, seed=3)
+    full = LazyPredictor(tiny_config(), path, device="cpu").instances(image)
+    half = LazyPredictor(tiny_config(), path, device="cpu", precision="bfloat16")
+    if half.autocast_dtype is None:
+        pytest.skip("this CPU has no bfloat16 instructions: LazyPredictor computes in float32")
+    assert half.autocast_dtype == torch.bfloat16
+    low = half.instances(image)
+    assert low.pred_boxes.tensor.dtype == low.scores.dtype == torch.float32
+    # The ten best detections: the same scores to the bfloat16 rounding of the features.
+    torch.testing.assert_close(low.scores[:10], full.scores[:10], rtol=0, atol=2e-2)
+    assert not torch.equal(low.scores, full.scores)  # it did run in bfloat16
+
+
+def test_bad_precisions_are_refused(checkpoint, monkeypatch, caplog):
+    path, _ = checkpoint
+    with pytest.raises(ValueError, match="float32, float16, bfloat16"):
+        LazyPredictor(tiny_config(), path, device="cpu", precision="int8")
+    with pytest.raises(ValueError, match="CUDA"):
+        LazyPredictor(tiny_config(), path, device="cpu", precision="float16")
+    # A CPU without bfloat16 instructions computes in float32, saying so.
+    monkeypatch.setattr("smca_d2.engine.amp._cpu_has_fast_bfloat16", lambda: False)
+    with caplog.at_level(logging.WARNING):
+        predictor = LazyPredictor(tiny_config(), path, device="cpu", precision="bfloat16")
+    assert predictor.autocast_dtype is None
+    assert "no bfloat16 instructions" in caplog.text
