@@ -13,17 +13,31 @@ from typing import Optional
 
 import torch
 
-__all__ = ["REPO_ROOT", "environment", "import_tool", "write_json"]
+__all__ = ["REPO_ROOT", "cpu_model", "environment", "import_tool", "write_json"]
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def cpu_model() -> Optional[str]:
+    """The CPU's model name (``/proc/cpuinfo``), or None where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def environment(device: str = "cpu", threads: Optional[int] = None) -> dict:
-    """Date, machine, CPU count, device (the GPU's name for ``cuda``), torch version and threads."""
+    """Date, machine, CPU model and count, device (the GPU's name for ``cuda``), torch version
+    and threads."""
     return {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "device": torch.cuda.get_device_name(0) if str(device).startswith("cuda") else "cpu",
         "torch": torch.__version__,

@@ -4,6 +4,7 @@ The tables sit between marker comments in docs/BENCHMARKS.md::
 
     <!-- BEGIN convergence-table -->  ...  <!-- END convergence-table -->
     <!-- BEGIN speed-tables -->       ...  <!-- END speed-tables -->
+    <!-- BEGIN deployment-tables -->  ...  <!-- END deployment-tables -->
 
 and are replaced as a whole; the prose around them is left as it is. The figures come from
 ``docs/benchmarks/convergence.json`` (``benchmarks/convergence.py``) and
@@ -410,13 +411,101 @@ def render_speed(r: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Deployment (benchmarks/deployment.py and benchmarks/precision_ap.py)
+# ---------------------------------------------------------------------------------------------
+DEPLOYMENT_PATHS = {
+    "eager_fp32": "torch eager, float32",
+    "optimized_fp32": "torch optimized (LazyPredictor), float32",
+    "onnxruntime_fp32": "ONNX Runtime, float32 (dynamic-size file)",
+    "optimized_bf16": "torch optimized, bfloat16 autocast",
+}
+
+
+def _deployment_speed(r: dict) -> List[str]:
+    rows = []
+    for result in r["results"]:
+        eager = result["variants"].get("eager_fp32", {}).get("median_s_per_image")
+        optimized = result["variants"].get("optimized_fp32", {}).get("median_s_per_image")
+        for name, row in result["variants"].items():
+            label = DEPLOYMENT_PATHS.get(name, name)
+            if "skipped" in row:
+                rows.append(
+                    [result["config"], _size(result["size"]), label, "skipped: " + row["skipped"], "", "", "", ""]
+                )
+                continue
+            t = row["median_s_per_image"]
+            classes = row.get("classes_equal_fraction")
+            diff = f"{row['max_box_diff_px']:.2g} px / {row['max_score_diff']:.2g}"
+            rows.append(
+                [
+                    result["config"],
+                    _size(result["size"]),
+                    label,
+                    f"{t:.3f}",
+                    _ratio(t, eager),
+                    _ratio(t, optimized),
+                    diff + (f" (classes {classes:.0%} equal)" if classes is not None else ""),
+                    row["compared"],
+                ]
+            )
+    if not rows:
+        return []
+    header = ["config", "image", "path", "s / image", "vs eager", "vs optimized", "max diff: box / score", "compared"]
+    rounds = max(row.get("rounds", 0) for result in r["results"] for row in result["variants"].values())
+    intro = (
+        environment_line(r["environment"]) + f" Median of {rounds} rounds; speed-up = the other's time / this one's."
+    )
+    return [intro, ""] + _table(header, rows)
+
+
+def _deployment_ap(r: dict) -> List[str]:
+    rows = []
+    for result in r.get("precision_ap", []):
+        fp32, bf16 = result["float32"], result["bfloat16"]
+        rows.append(
+            [
+                result["dataset"],
+                f"`{result['config']}`",
+                f"{fp32['AP']:.2f} / {fp32['AP50']:.2f}",
+                f"{bf16['AP']:.2f} / {bf16['AP50']:.2f}",
+                f"{bf16['AP'] - fp32['AP']:+.2f}",
+                _ratio(bf16["s_per_image"], fp32["s_per_image"]),
+            ]
+        )
+    if not rows:
+        return []
+    header = [
+        "val set",
+        "config (trained checkpoint)",
+        "float32 AP / AP50",
+        "bfloat16 AP / AP50",
+        "AP change",
+        "bf16 speed-up",
+    ]
+    return [
+        "Box AP of one trained checkpoint, evaluated in float32 and under bfloat16 autocast (optimized model):",
+        "",
+    ] + _table(header, rows)
+
+
+def render_deployment(r: dict) -> str:
+    blocks = [_deployment_speed(r), _deployment_ap(r)]
+    return "\n\n".join("\n".join(b) for b in blocks if b)
+
+
+# ---------------------------------------------------------------------------------------------
 # The page
 # ---------------------------------------------------------------------------------------------
 RENDERERS: Dict[str, Callable[[dict], str]] = {
     "convergence-table": render_convergence,
     "speed-tables": render_speed,
+    "deployment-tables": render_deployment,
 }
-SOURCES = {"convergence-table": "convergence.json", "speed-tables": "speed.json"}
+SOURCES = {
+    "convergence-table": "convergence.json",
+    "speed-tables": "speed.json",
+    "deployment-tables": "deployment.json",
+}
 
 
 def replace_block(text: str, name: str, content: str) -> str:

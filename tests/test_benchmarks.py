@@ -706,3 +706,65 @@ def test_forward_time_times_the_models_with_and_without_speedups(tmp_path, monke
     assert record["results"][0]["median_s_per_image"] > 0 and record["results"][0]["trainable_params"] > 0
     assert len(applied) == (0 if plain else 1)
     assert "detr_baseline_r50_50ep.py" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks/deployment.py
+# ---------------------------------------------------------------------------------------------
+def test_deployment_benchmark_smoke(tmp_path):
+    """The speed table of the torch paths and the float32 / bfloat16 AP evaluation of a
+    checkpoint, on a tiny model and dataset; the docs' renderer takes the JSON. (ONNX Runtime's
+    path, whose export the export tests run, is in the long run below.)"""
+    from conftest import write_tiny_coco
+
+    from smca_d2.engine import load_config
+
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.config import instantiate
+    from detectron2.data.datasets import register_coco_instances
+
+    deployment = _load("deployment")
+    out = tmp_path / "deployment.json"
+    record = deployment.main(
+        ["--variants", "eager_fp32", "optimized_fp32", "optimized_bf16", "--configs", "smca_single_scale_r50_50ep.py"]
+        + ["--sizes", "64x96", "--rounds", "1", "--output", str(out), *TINY_OPTS]
+    )
+    (row,) = record["results"]
+    assert set(row["variants"]) == {"eager_fp32", "optimized_fp32", "optimized_bf16"}
+    assert row["variants"]["eager_fp32"]["max_box_diff_px"] == 0
+    assert row["variants"]["optimized_fp32"]["max_box_diff_px"] < 1e-3
+    bf16 = row["variants"]["optimized_bf16"]
+    assert "skipped" in bf16 or 0 < bf16["max_box_diff_px"] < 5  # rounded, not broken
+    assert json.loads(out.read_text())["results"] == record["results"]
+
+    json_path, image_dir = write_tiny_coco(str(tmp_path / "coco"), num_images=3)
+    register_coco_instances("smca_deployment_smoke", {}, json_path, image_dir)
+    overrides = [
+        "dataloader.test.dataset.names=smca_deployment_smoke",
+        "model.num_classes=2",
+        "model.transformer.decoder.num_layers=2",
+        "model.num_queries=10",
+    ]
+    torch.manual_seed(0)
+    model = instantiate(load_config("demo/smca_r18_synthetic.py", overrides).model)
+    DetectionCheckpointer(model, save_dir=str(tmp_path)).save("m")
+    checkpoint = str(tmp_path / "m.pth")
+    ap = deployment.evaluate_precisions("demo/smca_r18_synthetic.py", checkpoint, "tiny", overrides)
+    assert ap["images"] == 3 and ap["float32"]["s_per_image"] > 0
+    assert "AP" in ap["bfloat16"] or "skipped" in ap["bfloat16"]
+
+    tables = load_script("docs/generate_benchmark_tables.py")
+    text = tables.render_deployment({**record, "precision_ap": [ap] if "AP" in ap["bfloat16"] else []})
+    assert "torch optimized, bfloat16 autocast" in text and "64x96" in text
+
+
+@pytest.mark.long
+def test_deployment_benchmark_with_onnx_runtime(tmp_path):
+    deployment = _load("deployment")
+    record = deployment.main(
+        ["--configs", "smca_single_scale_r50_50ep.py", "--sizes", "64x96", "80x64", "--rounds", "1"]
+        + ["--output", str(tmp_path / "d.json"), *TINY_OPTS]
+    )
+    for row in record["results"]:
+        ort = row["variants"]["onnxruntime_fp32"]
+        assert ort["classes_equal_fraction"] == 1.0 and ort["max_box_diff_px"] < 1e-2
