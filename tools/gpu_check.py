@@ -637,7 +637,8 @@ def _speed_step(ctx, name: str, models: List[str]) -> dict:
             worst = max(max(d["max_abs_logits"], d["max_abs_boxes"]) for d in equal.values())
             same = all(d["pass"] for d in equal.values())
             summary = (
-                f"outputs ours vs official {'EQUAL' if same else 'DIFFERENT'} (max |diff| {worst:.1e}); " + summary
+                f"outputs ours vs official {'EQUAL' if same else 'DIFFERENT'} (max abs difference {worst:.1e}); "
+                + summary
             )
             if not same and status == "passed":
                 status = "failed"
