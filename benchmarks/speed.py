@@ -27,6 +27,12 @@ so that peak memory belongs to one model and one task):
 3. our multi-scale SMCA and DETR baseline (inference and training);
 4. how inference time grows with the image size and the number of queries (ours and official).
 
+``--max-batch`` adds, for each model, training at the largest batch that fits (on a GPU: searched
+for from the peak memory of batches 2 and 4 within ``--max-batch-memory`` of the device's memory,
+``--max-batch-cap`` at most; on the CPU: ``--max-batch-cap`` images, no search). ``--models``
+without ``smca_single_scale`` leaves out the single-scale sections (1, 2 and 4). The JSON is
+written after each section, marked ``"complete": false`` until the run ends.
+
 "ours" is the model with the speed-ups of the config's ``train.speedups``
 (:func:`smca_d2.speedups.apply_speedups`), as train_net.py trains it (and evaluates it during
 training); the variants of ours (:data:`INFERENCE_VARIANTS`, :data:`TRAIN_VARIANTS`; ``--variants``
@@ -106,6 +112,23 @@ def parse_args(argv=None):
     add("--sizes", type=parse_size, nargs="+", default=[(800, 1066), (800, 1333)], metavar="HxW")
     add("--train-size", type=parse_size, default=(800, 1066), metavar="HxW")
     add("--train-batch", type=int, default=2)
+    add(
+        "--max-batch",
+        action="store_true",
+        help="also train each model at the largest batch that fits (see --max-batch-cap)",
+    )
+    add(
+        "--max-batch-cap",
+        type=int,
+        default=64,
+        help="the largest batch --max-batch tries; on the CPU the batch it trains (default: %(default)s)",
+    )
+    add(
+        "--max-batch-memory",
+        type=float,
+        default=0.9,
+        help="fraction of the GPU's memory a --max-batch batch may take (default: %(default)s)",
+    )
     add("--warmup", type=int, default=1)
     add(
         "--train-warmup",
@@ -178,6 +201,10 @@ def parse_args(argv=None):
         parser.error(f"--official-repo {args.official_repo!r} is not a work tree of SMCA-DETR (no models/detr.py)")
     if args.official_repo and args.opts:
         parser.error("--opts changes our model only: it cannot be compared with the official code")
+    if args.max_batch_cap < 2:
+        parser.error(f"--max-batch-cap {args.max_batch_cap}: expected 2 or more")
+    if not 0 < args.max_batch_memory <= 1:
+        parser.error(f"--max-batch-memory {args.max_batch_memory}: expected a fraction in (0, 1]")
     if any("=" not in o for o in args.opts):
         parser.error(f"--opts: expected KEY=VALUE, got {[o for o in args.opts if '=' not in o]}")
     args.variants = ["ours"] + [v for v in args.variants if v != "ours"]
@@ -218,6 +245,8 @@ class Driver:
             "seed": a.seed,
             "official_repo": a.official_repo,
             "batch": a.train_batch,
+            "max_batch_cap": a.max_batch_cap,
+            "max_batch_memory": a.max_batch_memory,
             "opts": list(a.opts),
             "speedups": {},
             **spec,
@@ -354,16 +383,19 @@ def main(argv=None) -> dict:
     }
     impls = ["ours"] + (["official"] if args.official_repo else [])
     precisions = [False] + ([True] if args.amp else [])
+    single_scale = "smca_single_scale" in args.models
+    report["complete"] = False
     with tempfile.TemporaryDirectory() as tmp:
         drv = Driver(args, tmp)
         common = {"model": "smca_single_scale"}
-        if args.official_repo:
-            common["official_checkpoint"] = shared_official_weights(args, tmp)
-
-        print("single-scale R50: ours" + (" vs official" if args.official_repo else ""))
-        single = report["single_scale"] = {"inference": [], "train": []}
-        single["equal_outputs"] = check_outputs(drv, args, tmp, common)
-        for amp in precisions:
+        single = report["single_scale"] = {"inference": [], "train": [], "equal_outputs": {}}
+        if single_scale:
+            if args.official_repo:
+                common["official_checkpoint"] = shared_official_weights(args, tmp)
+            print("single-scale R50: ours" + (" vs official" if args.official_repo else ""))
+            single["equal_outputs"] = check_outputs(drv, args, tmp, common)
+            write_json(args.output, report)
+        for amp in precisions if single_scale else []:
             for size in args.sizes:
                 row = {"size": list(size), "amp": amp}
                 row.update(
@@ -398,13 +430,28 @@ def main(argv=None) -> dict:
                     row["loss_rel_diff"] = abs(a - b) / max(abs(b), 1e-12)
                     row["loss_equal"] = row["loss_rel_diff"] <= args.tol
                 single["train"].append(row)
+            write_json(args.output, report)
+        if single_scale and args.max_batch and "train" not in args.skip:
+            single["max_batch"] = [
+                {
+                    "size": list(args.train_size),
+                    "amp": amp,
+                    **{
+                        impl: drv.run(task="max_batch", size=args.train_size, amp=amp, **TRAIN_VARIANTS[impl], **common)
+                        for impl in impls
+                    },
+                }
+                for amp in precisions
+            ]
+            write_json(args.output, report)
 
-        if "profile" not in args.skip:
+        if single_scale and "profile" not in args.skip:
             print("where the time goes (single-scale R50)")
             report["profile"] = {
                 impl: drv.run(task="profile", size=args.train_size, **INFERENCE_VARIANTS[impl], **common)
                 for impl in impls
             }
+            write_json(args.output, report)
 
         others = [m for m in args.models if m != "smca_single_scale"]
         if others:
@@ -419,9 +466,14 @@ def main(argv=None) -> dict:
                     )
                 if "train" not in args.skip:
                     row["train"] = drv.run(impl="ours", model=model, task="train", size=args.train_size, amp=amp)
+                    if args.max_batch:
+                        row["max_batch"] = drv.run(
+                            impl="ours", model=model, task="max_batch", size=args.train_size, amp=amp
+                        )
                 report["other_models"].append(row)
+                write_json(args.output, report)
 
-        if "scaling" not in args.skip:
+        if single_scale and "scaling" not in args.skip:
             print("scaling with image size and queries (single-scale, inference)")
             report["scaling"] = {"sizes": [], "queries": []}
             for size in args.scaling_sizes:
@@ -453,6 +505,7 @@ def main(argv=None) -> dict:
                     }
                 )
 
+    report["complete"] = True
     print_report(report)
     write_json(args.output, report)
     png = os.path.splitext(args.output)[0] + ".png"

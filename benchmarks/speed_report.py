@@ -93,6 +93,56 @@ def print_plain_ratios(s: dict) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
+def max_batch_rows(r: dict) -> List[dict]:
+    """The ``--max-batch`` results of a report, one dict per model and precision: ``model``,
+    ``amp``, ``size`` and a result per implementation (``ours``, and ``official`` for single-scale
+    with the official code)."""
+    rows = [{"model": "smca_single_scale", **row} for row in (r.get("single_scale") or {}).get("max_batch") or []]
+    for row in r.get("other_models") or []:
+        if row.get("max_batch"):
+            size = (r.get("settings") or {}).get("train_size")
+            rows.append({"model": row["model"], "amp": row["amp"], "size": size, "ours": row["max_batch"]})
+    return rows
+
+
+def _max_batch_cells(result: Optional[dict]) -> List[str]:
+    if not result:
+        return ["-"] * 4
+    if result.get("batch") is None:
+        return [f"none ({result.get('limit')})", "-", "-", "-"]
+    return [
+        f"{result['batch']} ({result['limit']})",
+        f"{result['s_per_iter']:.3f}",
+        f"{result['images_per_s']:.2f}",
+        f"{result.get('peak_mem_mib', float('nan')):.0f}",
+    ]
+
+
+def print_max_batch(r: dict) -> None:
+    """Training at the largest batch that fits (``--max-batch``): batch, time per iteration,
+    images per second and peak memory of each implementation."""
+    rows = max_batch_rows(r)
+    if not rows:
+        return
+    off = any("official" in row for row in rows)
+    print("\ntraining at the largest batch that fits (why it stopped there: memory or --max-batch-cap)")
+    impls = ["ours"] + (["official"] if off else [])
+    header = ["model", "size", "precision"]
+    for impl in impls:
+        header += [f"batch {impl}", f"s/iter {impl}", f"images/s {impl}", f"peak memory {impl} (MiB)"]
+    print("| " + " | ".join(header + (["images/s ours / official"] if off else [])) + " |")
+    print("|---" * (len(header) + off) + "|")
+    for row in rows:
+        size = row.get("size")
+        cells = [row["model"], f"{size[0]}x{size[1]}" if size else "-", "AMP" if row["amp"] else "fp32"]
+        for impl in impls:
+            cells += _max_batch_cells(row.get(impl))
+        if off:
+            o, f = row.get("ours") or {}, row.get("official") or {}
+            cells.append(_ratio(f.get("images_per_s"), o.get("images_per_s")))
+        print("| " + " | ".join(cells) + " |")
+
+
 def print_report(r: dict) -> None:
     env = r["environment"]
     print(
@@ -106,10 +156,17 @@ def print_report(r: dict) -> None:
             f"boxes {d['max_abs_boxes']:.2e} -> {'EQUAL' if d['pass'] else 'DIFFERENT'}"
         )
     off = r["official"]
-    print("\nsingle-scale R50")
     gpu = r["environment"]["device"] != "cpu"
     peak = "peak memory" if gpu else "peak RSS"
     mems = ("peak_mem_mib",) + (() if gpu else ("tensor_peak_mib",))  # the memory columns
+    if s["inference"] or s["train"]:
+        print("\nsingle-scale R50")
+        _print_single_scale(s, off, gpu, peak, mems)
+    print_max_batch(r)
+    _print_profile_and_others(r, off, gpu, peak, mems)
+
+
+def _print_single_scale(s: dict, off: bool, gpu: bool, peak: str, mems: tuple) -> None:
     print(
         "| task | size | precision | ours | "
         + ("official | speed-up | " if off else "")
@@ -174,6 +231,8 @@ def print_report(r: dict) -> None:
             )
     print_plain_ratios(s)
 
+
+def _print_profile_and_others(r: dict, off: bool, gpu: bool, peak: str, mems: tuple) -> None:
     if r.get("profile"):
         print("\nwhere the time goes (seconds; inference: one image; train: one iteration)")
         parts = ["backbone", "encoder", "decoder", "gaussian_prior", "matcher"]

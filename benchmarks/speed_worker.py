@@ -7,9 +7,14 @@ model and one task):
 ``benchmarks/speed.py`` writes the spec (a JSON dict: the task, the implementation and its
 settings, see ``speed_models.py``) and reads the result from the spec's ``result_file``. Tasks:
 ``inference`` (time per image), ``train`` (time per iteration and the initial loss),
-``outputs`` (every decoder layer's raw outputs, saved for the equality check) and ``profile``
-(where the time goes). On the CPU the peak RSS above the level after the model is built and the
-peak of the tensors one call allocates are recorded; on a GPU ``torch.cuda.max_memory_allocated``.
+``max_batch`` (the largest training batch that fits, and its time per iteration), ``outputs``
+(every decoder layer's raw outputs, saved for the equality check) and ``profile`` (where the time
+goes). On the CPU the peak RSS above the level after the model is built and the peak of the
+tensors one call allocates are recorded; on a GPU ``torch.cuda.max_memory_allocated``.
+
+On CUDA the equality checks (``outputs``, and the initial loss of ``train``) compute in plain
+float32, without TF32 (which cuDNN's convolutions use by default): both implementations then
+agree to float32 rounding; the timed runs keep torch's defaults, as users run.
 """
 
 import json
@@ -18,12 +23,12 @@ import statistics
 import sys
 import time
 from contextlib import contextmanager
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from speed_models import build_model, harness
 
-__all__ = ["OP_KINDS", "op_kind_times", "run_worker", "tensor_peak_mib", "timed_runs"]
+__all__ = ["OP_KINDS", "largest_batch", "op_kind_times", "run_worker", "tensor_peak_mib", "timed_runs"]
 
 
 def _rss_kib(field: str) -> Optional[int]:
@@ -48,6 +53,20 @@ def _reset_peak_rss() -> bool:
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+@contextmanager
+def _exact_float32(device: str):
+    """No TF32 in CUDA's convolutions and matrix products (a no-op on the CPU)."""
+    if not device.startswith("cuda"):
+        yield
+        return
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _images(count, size, seed=0):
@@ -196,6 +215,100 @@ def timed_runs(fn, warmup, repeats, device):
     return times
 
 
+def _free_training_state(impl) -> None:
+    """Drop the gradients, the optimizer and the batch of a training setup (after an
+    out-of-memory error too), and return the cached blocks to the device."""
+    for p in impl.model.parameters():
+        p.grad = None
+    impl.optimizer = None
+    for name in ("inputs", "samples", "targets"):
+        if hasattr(impl, name):
+            setattr(impl, name, None)
+    if impl.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def _try_batch(impl, batch: int, size) -> Optional[float]:
+    """Peak memory (MiB, ``torch.cuda.max_memory_allocated``) of two training steps at ``batch``
+    (the second with the optimizer's state allocated), or None when they run out of memory."""
+    boxes, labels = _targets(batch, size)
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        impl.setup_training(_images(batch, size), boxes, labels)
+        impl.train_step()
+        impl.train_step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    except torch.cuda.OutOfMemoryError:
+        return None
+    finally:
+        _free_training_state(impl)
+
+
+def largest_batch(try_batch, budget_mib: float, cap: int, max_tries: int = 6) -> tuple:
+    """The largest batch that fits ``budget_mib``, from the peak memory of batches 2 and 4
+    (memory grows linearly with the batch: weights, optimizer state and cached blocks, plus
+    activations per image), tried and lowered by a tenth while it does not fit.
+
+    Args:
+        try_batch: ``batch -> peak MiB``, or None when the batch ran out of memory.
+        budget_mib: the memory a batch may take.
+        cap: the largest batch considered.
+        max_tries: batches tried after 2 and 4.
+
+    Returns:
+        (batch or None, why it stopped there: "memory", "cap" or what failed, [[batch, peak or None], ...])
+    """
+    tried: List[list] = []
+
+    def attempt(batch):
+        peak = try_batch(batch)
+        tried.append([batch, peak])
+        return peak is not None and peak <= budget_mib
+
+    if not attempt(2):
+        return None, "batch 2 does not fit", tried
+    if cap < 4 or not attempt(4):
+        return 2, "memory" if cap >= 4 else "cap", tried
+    per_image = max((tried[1][1] - tried[0][1]) / 2, 1e-6)
+    batch = min(cap, max(4, 4 + int((budget_mib - tried[1][1]) / per_image)))
+    limit = "cap" if batch == cap else "memory"
+    for _ in range(max_tries):
+        if batch <= 4:
+            return 4, "memory", tried
+        if attempt(batch):
+            return batch, limit, tried
+        batch, limit = max(4, int(batch * 0.9)), "memory"
+    return None, f"no batch below the estimate fitted in {max_tries} tries", tried
+
+
+def _max_batch(impl, spec, size, result) -> None:
+    """The largest training batch of ``size`` images (``max_batch_cap`` at most) and its time per
+    iteration. On CUDA it is searched for (:func:`largest_batch`) within ``max_batch_memory``
+    (a fraction) of the device's memory; on the CPU the batch is ``max_batch_cap`` (no search: the
+    benchmark's plumbing at a small size)."""
+    device, cap = spec["device"], int(spec.get("max_batch_cap", 64))
+    if device.startswith("cuda"):
+        _free_training_state(impl)
+        free, total = torch.cuda.mem_get_info()
+        budget = (free + torch.cuda.memory_allocated()) * float(spec.get("max_batch_memory", 0.9)) / 2**20
+        batch, limit, tried = largest_batch(lambda b: _try_batch(impl, b, size), budget, cap)
+        result.update(memory_budget_mib=budget, device_memory_mib=total / 2**20, tried=tried)
+    else:
+        batch, limit = cap, "cap (CPU: no memory search)"
+    result.update(batch=batch, limit=limit)
+    if batch is None:
+        return
+    boxes, labels = _targets(batch, size)
+    impl.setup_training(_images(batch, size), boxes, labels)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times = timed_runs(impl.train_step, 1, min(spec["repeats"], 3), device)
+    result["s_per_iter"] = statistics.median(times)
+    result["images_per_s"] = batch / result["s_per_iter"]
+    result["times"] = times
+
+
 def _profile(impl, spec, size, result) -> None:
     """Inference split into the timed parts; a training step split into its forward parts
     (matcher included), the rest of the forward and loss, and backward + optimizer step."""
@@ -265,7 +378,9 @@ def run_worker(spec) -> dict:
         result["times"] = times
     elif task == "outputs":
         impl.model.eval()
-        torch.save(_decoder_layers(impl.raw_outputs(_images(spec.get("batch", 1), size))), spec["save"])
+        with _exact_float32(device):
+            outputs = impl.raw_outputs(_images(spec.get("batch", 1), size))
+        torch.save(_decoder_layers(outputs), spec["save"])
     elif task == "train":
         images = _images(spec["batch"], size)
         boxes, labels = _targets(spec["batch"], size)
@@ -274,12 +389,14 @@ def run_worker(spec) -> dict:
         # function), for the equality check; then timed steps with dropout on.
         transformer = impl.model.transformer
         transformer.eval()
-        with torch.no_grad():
+        with torch.no_grad(), _exact_float32(device):
             result["initial_loss_no_dropout"] = float(impl.loss())
         transformer.train()
         times = timed_runs(impl.train_step, spec["train_warmup"], spec["repeats"], device)
         result["s_per_iter"] = statistics.median(times)
         result["times"] = times
+    elif task == "max_batch":
+        _max_batch(impl, spec, size, result)
     elif task == "profile":
         _profile(impl, spec, size, result)
     else:

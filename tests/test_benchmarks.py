@@ -768,3 +768,15 @@ def test_deployment_benchmark_with_onnx_runtime(tmp_path):
     for row in record["results"]:
         ort = row["variants"]["onnxruntime_fp32"]
         assert ort["classes_equal_fraction"] == 1.0 and ort["max_box_diff_px"] < 1e-2
+
+
+def test_largest_batch_estimates_from_two_batches_and_backs_off():
+    from speed_worker import largest_batch
+
+    # 1000 MiB of weights and state, 100 MiB per image; batches above 40 run out of memory.
+    memory = lambda batch: None if batch > 40 else 1000.0 + 100.0 * batch
+    batch, limit, tried = largest_batch(memory, budget_mib=6000.0, cap=64)
+    assert (batch, limit) == (40, "memory")  # the estimate, 50, and 45 run out of memory; 40 fits
+    assert tried == [[2, 1200.0], [4, 1400.0], [50, None], [45, None], [40, 5000.0]]
+    assert largest_batch(memory, budget_mib=6000.0, cap=16)[:2] == (16, "cap")
+    assert largest_batch(lambda b: None, budget_mib=6000.0, cap=16)[:2] == (None, "batch 2 does not fit")

@@ -29,6 +29,10 @@ DOC_FILES = [os.path.join(REPO, "README.md")] + sorted(glob.glob(os.path.join(RE
 COVERED_BY = {
     "pip install -e .": ["tests/test_packaging.py::test_wheel_works_outside_the_source_tree"],
     "pip install -e .[test]": ["tests/test_packaging.py::test_wheel_works_outside_the_source_tree"],
+    "bash tools/gpu_check.sh --output DIR": [
+        "tests/test_gpu_check.py::test_dry_run_prints_the_table_and_writes_the_json"
+    ],
+    "bash tools/gpu_check.sh --dry-run": ["tests/test_gpu_check.py::test_full_dry_run"],
 }
 # Environment variables given to a make command, beyond what the Makefile / bootstrap.sh read,
 # with the tests that exercise them.
