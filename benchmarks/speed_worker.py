@@ -56,7 +56,7 @@ def _sync(device: str) -> None:
 
 
 @contextmanager
-def _exact_float32(device: str):
+def exact_float32(device: str):
     """No TF32 in CUDA's convolutions and matrix products (a no-op on the CPU)."""
     if not device.startswith("cuda"):
         yield
@@ -378,7 +378,7 @@ def run_worker(spec) -> dict:
         result["times"] = times
     elif task == "outputs":
         impl.model.eval()
-        with _exact_float32(device):
+        with exact_float32(device):
             outputs = impl.raw_outputs(_images(spec.get("batch", 1), size))
         torch.save(_decoder_layers(outputs), spec["save"])
     elif task == "train":
@@ -389,7 +389,7 @@ def run_worker(spec) -> dict:
         # function), for the equality check; then timed steps with dropout on.
         transformer = impl.model.transformer
         transformer.eval()
-        with torch.no_grad(), _exact_float32(device):
+        with torch.no_grad(), exact_float32(device):
             result["initial_loss_no_dropout"] = float(impl.loss())
         transformer.train()
         times = timed_runs(impl.train_step, spec["train_warmup"], spec["repeats"], device)

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from test_train_net import CONFIG, run_train_net, tiny_overrides
+from tiny_smca import TINY_OVERRIDES as TINY_MODEL
 
 from smca_d2.checkpoint import SafeCheckpointer
 from smca_d2.data.synthetic import render_image
@@ -11,15 +12,6 @@ from smca_d2.engine import AMPTrainer, amp_dtype, load_config
 
 from detectron2.config import instantiate
 from detectron2.structures import Boxes, Instances
-
-TINY_MODEL = [
-    "model.transformer.encoder.num_layers=1",
-    "model.transformer.decoder.num_layers=2",
-    "model.transformer.decoder.d_model=64",
-    "model.transformer.decoder.nhead=4",
-    "model.transformer.decoder.dim_feedforward=128",
-    "model.num_queries=10",
-]
 
 
 def test_amp_dtype():

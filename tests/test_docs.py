@@ -29,6 +29,8 @@ DOC_FILES = [os.path.join(REPO, "README.md")] + sorted(glob.glob(os.path.join(RE
 COVERED_BY = {
     "pip install -e .": ["tests/test_packaging.py::test_wheel_works_outside_the_source_tree"],
     "pip install -e .[test]": ["tests/test_packaging.py::test_wheel_works_outside_the_source_tree"],
+    # make test installs the same packages (requirements/export.txt) and runs the export tests.
+    "pip install -e .[export]": ["tests/inference/test_export.py"],
     "bash tools/gpu_check.sh --output DIR": [
         "tests/test_gpu_check.py::test_dry_run_prints_the_table_and_writes_the_json"
     ],

@@ -1,11 +1,11 @@
 """Helpers of the CUDA tests (tests/cuda/): the marks every module sets, float32 without TF32, and
 a tiny SMCA model with a batch of generated images."""
 
-import contextlib
-
 import numpy as np
 import pytest
 import torch
+from speed_worker import exact_float32 as _exact_float32
+from tiny_smca import TINY_OVERRIDES as TINY_MODEL
 
 from smca_d2.data.synthetic import render_image
 from smca_d2.engine import load_config
@@ -19,26 +19,11 @@ CUDA_MARKS = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (tools/gpu_check.sh runs these)"),
 ]
 
-TINY_MODEL = [
-    "model.transformer.encoder.num_layers=1",
-    "model.transformer.decoder.num_layers=2",
-    "model.transformer.decoder.d_model=64",
-    "model.transformer.decoder.nhead=4",
-    "model.transformer.decoder.dim_feedforward=128",
-    "model.num_queries=10",
-]
 
-
-@contextlib.contextmanager
 def exact_float32():
     """cuDNN's convolutions and CUDA's matrix products in plain float32: torch lets cuDNN use TF32
     by default, whose 10-bit mantissa would hide float32 rounding behind its own."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    return _exact_float32("cuda")
 
 
 def tiny_config(*overrides):

@@ -11,7 +11,7 @@ from smca_d2.engine import load_config
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import instantiate
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 R18_CONFIG = os.path.join(REPO, "configs", "common", "r18_synthetic.py")
 MULTI_SCALE_CONFIG = os.path.join(REPO, "configs", "smca_multi_scale_r50_50ep.py")
 
