@@ -51,7 +51,7 @@ from detectron2.structures import ImageList
 
 VARIANTS = ("eager_fp32", "optimized_fp32", "onnxruntime_fp32", "optimized_bf16")
 DEFAULT_CONFIGS = ["smca_single_scale_r50_50ep.py"]
-DEFAULT_SIZES = ["800x1066", "800x1333"]
+DEFAULT_SIZES = [(800, 1066), (800, 1333)]
 
 
 def _size(text: str):
@@ -272,13 +272,18 @@ def main(argv=None) -> dict:
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, key=value (every config)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    results = [
-        row
-        for config in args.configs
-        for row in measure(config, args.sizes, args.variants, args.rounds, args.threads, args.opts)
-    ]
-    record = {"environment": environment("cpu", args.threads), "results": results}
-    print_table(results)
+    results = []
+    if not args.skip_speed:
+        results = [
+            row
+            for config in args.configs
+            for row in measure(config, args.sizes, args.variants, args.rounds, args.threads, args.opts)
+        ]
+        print_table(results)
+    ap_rows = [evaluate_precisions(config, checkpoint, name) for config, checkpoint, name in args.ap]
+    if ap_rows:
+        print_ap_table(ap_rows)
+    record = {"environment": environment("cpu", args.threads), "results": results, "precision_ap": ap_rows}
     write_json(args.output, record)
     print(f"wrote {args.output}")
     return record
