@@ -30,7 +30,9 @@ COVERED_BY = {
     "pip install -e .": ["tests/test_packaging.py::test_wheel_works_outside_the_source_tree"],
     "pip install -e .[test]": ["tests/test_packaging.py::test_wheel_works_outside_the_source_tree"],
     # make test installs the same packages (requirements/export.txt) and runs the export tests.
-    "pip install -e .[export]": ["tests/inference/test_export.py::test_onnx_runtime_gives_the_eager_detections_at_every_size"],
+    "pip install -e .[export]": [
+        "tests/inference/test_export.py::test_onnx_runtime_gives_the_eager_detections_at_every_size"
+    ],
     "bash tools/gpu_check.sh --output DIR": [
         "tests/test_gpu_check.py::test_dry_run_prints_the_table_and_writes_the_json"
     ],
