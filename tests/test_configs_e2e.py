@@ -22,15 +22,14 @@ CONFIGS = sorted(
 )
 IDS = [os.path.relpath(p, os.path.join(REPO, "configs")) for p in CONFIGS]
 # One config per model type and data pipeline: COCO with DETR's augmentation (single-scale,
-# multi-scale), the generated shapes with size-grouped batches (the demo), the tree crowns
-# (convergence); the others differ from one of these in schedule, depth or dataset only, or, for
-# the DETR baseline, in one model flag (its training and inference run in test_overfit.py and
-# test_export.py).
+# multi-scale) and the generated shapes with size-grouped batches (the demo). The others differ
+# from one of these in schedule, depth or dataset only (the trees configs: their dataset is
+# checked in tests/data), or, for the DETR baseline, in one model flag (built, trained a step and
+# run in test_smca_model.py, exported in test_export.py); they run under the long marker.
 E2E_IN_MAKE_TEST = {
     "smca_single_scale_r50_50ep.py",
     "smca_multi_scale_r50_50ep.py",
     "demo/smca_r18_synthetic.py",
-    "convergence/deepforest_smca_single_scale.py",
 }
 E2E_CONFIGS = [
     pytest.param(path, id=name, marks=() if name in E2E_IN_MAKE_TEST else pytest.mark.long)

@@ -39,6 +39,7 @@ from detectron2.config import instantiate
 
 # Elementwise / reduction / indexing ops: not counted, by the usual convention (as in detectron2).
 ELEMENTWISE_OPS = {
+    "aten::__or__",
     "aten::abs",
     "aten::add",
     "aten::add_",

@@ -96,6 +96,11 @@ def argument_parser() -> argparse.ArgumentParser:
         help="largest accepted box difference relative to the image size (default: 1e-4)",
     )
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
+    parser.add_argument(
+        "--no-optimize",
+        action="store_true",
+        help="ONNX: skip the exporter's graph optimizer (a faster export; ONNX Runtime optimizes the graph when it loads it)",
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, key=value")
     return parser
 
@@ -201,7 +206,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     kind = f"{fixed[0]}x{fixed[1]} images" if fixed else "any image size"
     start = time.perf_counter()
     if args.format == "onnx":
-        export_onnx(model, args.output, fixed, opset_version=args.opset)
+        export_onnx(model, args.output, fixed, opset_version=args.opset, optimize=not args.no_optimize)
     else:
         torch.export.save(export_program(model, fixed), args.output)
     print(f"wrote {args.output} ({args.format}, {kind}) in {time.perf_counter() - start:.1f} s")

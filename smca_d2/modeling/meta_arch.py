@@ -15,6 +15,14 @@ from .decoder import MLP
 from .position_encoding import PositionEmbeddingSine
 
 
+def _known_equal(a, b) -> bool:
+    """``a == b`` for sizes: Python ints, symbolic sizes (True only when equal for every input),
+    or the tensors ``torch.jit.trace`` turns sizes into (their value in this trace)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return bool(a == b)
+    return statically_known_true(a == b)
+
+
 @META_ARCH_REGISTRY.register()
 class SMCADETR(nn.Module):
     """SMCA-DETR: DETR whose decoder co-attention is modulated by per-query Gaussian maps.
@@ -138,9 +146,7 @@ class SMCADETR(nn.Module):
         True unless the sizes are known to be equal for every input, so the exported graph
         always carries the padding mask."""
         padded_h, padded_w = images.tensor.shape[-2:]
-        return not all(
-            statically_known_true(h == padded_h) and statically_known_true(w == padded_w) for h, w in images.image_sizes
-        )
+        return not all(_known_equal(h, padded_h) and _known_equal(w, padded_w) for h, w in images.image_sizes)
 
     def _levels(self, images: ImageList):
         """Projected feature levels with their padding masks and position encodings."""

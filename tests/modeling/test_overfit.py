@@ -50,7 +50,9 @@ def box_ap(gt_boxes, gt_classes, inst):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("modulate", [True, False])  # SMCA and the DETR-style baseline
+# SMCA in make test; the DETR-style baseline (one flag apart, trained in test_smca_model.py's
+# every-config test) under the long marker.
+@pytest.mark.parametrize("modulate", [True, pytest.param(False, marks=pytest.mark.long)])
 def test_tiny_smca_overfits_one_image(modulate):
     torch.manual_seed(0)
     image, objects = render_image(128, 128, np.random.default_rng(3))
