@@ -21,14 +21,13 @@ CONFIGS = sorted(
     + glob.glob(os.path.join(REPO, "configs", "convergence", "*.py"))
 )
 IDS = [os.path.relpath(p, os.path.join(REPO, "configs")) for p in CONFIGS]
-# One config per model type and data pipeline: COCO with DETR's augmentation (single-scale,
-# multi-scale) and the generated shapes with size-grouped batches (the demo). The others differ
-# from one of these in schedule, depth or dataset only (the trees configs: their dataset is
-# checked in tests/data), or, for the DETR baseline, in one model flag (built, trained a step and
-# run in test_smca_model.py, exported in test_export.py); they run under the long marker.
+# One config per data pipeline: COCO with DETR's augmentation (single-scale) and the generated
+# shapes with size-grouped batches (the demo). The others differ from one of these in the model
+# only (multi-scale, the DETR baseline: losses, gradients and inference of each in
+# test_smca_model.py, exported in test_export.py), or in schedule, depth or dataset (the trees
+# configs: their dataset is checked in tests/data); they run under the long marker.
 E2E_IN_MAKE_TEST = {
     "smca_single_scale_r50_50ep.py",
-    "smca_multi_scale_r50_50ep.py",
     "demo/smca_r18_synthetic.py",
 }
 E2E_CONFIGS = [
