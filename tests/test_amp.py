@@ -5,13 +5,12 @@ import pytest
 import torch
 from test_train_net import CONFIG, run_train_net, tiny_overrides
 from tiny_smca import TINY_OVERRIDES as TINY_MODEL
+from tiny_smca import rendered_batch
 
 from smca_d2.checkpoint import SafeCheckpointer
-from smca_d2.data.synthetic import render_image
 from smca_d2.engine import AMPTrainer, amp_dtype, load_config
 
 from detectron2.config import instantiate
-from detectron2.structures import Boxes, Instances
 
 
 def test_amp_dtype():
@@ -28,17 +27,7 @@ def test_amp_dtype():
 def tiny_model_and_batch():
     torch.manual_seed(0)
     model = instantiate(load_config(CONFIG, TINY_MODEL).model)
-    batch = []
-    for seed in range(2):
-        image, objects = render_image(96, 112, np.random.default_rng(seed))
-        boxes = torch.tensor([[x, y, x + w, y + h] for _, (x, y, w, h) in objects], dtype=torch.float32)
-        classes = torch.tensor([category - 1 for category, _ in objects])
-        batch.append(
-            {
-                "image": torch.as_tensor(image).permute(2, 0, 1).float(),
-                "instances": Instances((96, 112), gt_boxes=Boxes(boxes), gt_classes=classes),
-            }
-        )
+    batch = rendered_batch(2)
     return model, batch
 
 

@@ -49,3 +49,24 @@ def random_image(height, width, seed=0):
         y, x = rng.integers(0, height - h), rng.integers(0, width - w)
         image[y : y + h, x : x + w] = rng.integers(100, 255, size=3)
     return image
+
+
+def rendered_batch(count, height=96, width=112):
+    """``count`` generated training images (smca_d2.data.synthetic) with their instances, as
+    model inputs."""
+    from smca_d2.data.synthetic import render_image
+
+    from detectron2.structures import Boxes, Instances
+
+    batch = []
+    for seed in range(count):
+        image, objects = render_image(height, width, np.random.default_rng(seed))
+        boxes = torch.tensor([[x, y, x + w, y + h] for _, (x, y, w, h) in objects], dtype=torch.float32)
+        classes = torch.tensor([category - 1 for category, _ in objects])
+        batch.append(
+            {
+                "image": torch.as_tensor(image).permute(2, 0, 1).float(),
+                "instances": Instances((height, width), gt_boxes=Boxes(boxes), gt_classes=classes),
+            }
+        )
+    return batch
