@@ -40,6 +40,7 @@ from typing import Dict, List
 import numpy as np
 import torch
 from common import environment, write_json
+from torchvision.ops import box_convert
 
 import smca_d2  # noqa: F401  (registrations)
 from smca_d2.engine import inference_autocast, inference_dtype, load_config
@@ -77,8 +78,7 @@ def _raw_outputs(model, image: torch.Tensor, dtype) -> Dict[str, np.ndarray]:
     images = ImageList.from_tensors([x], model.size_divisibility)
     with torch.no_grad(), inference_autocast("cpu", dtype):
         out = model.forward_outputs(images)
-    cx, cy, bw, bh = out["pred_boxes"][0].float().unbind(-1)
-    boxes = torch.stack([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h], -1)
+    boxes = box_convert(out["pred_boxes"][0].float(), "cxcywh", "xyxy") * torch.tensor([w, h, w, h])
     return {"scores": out["pred_logits"][0].float().sigmoid().numpy(), "boxes": boxes.numpy()}
 
 

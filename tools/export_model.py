@@ -40,6 +40,7 @@ from smca_d2.inference.export import (
     MIN_SIZE,
     ExportUnavailable,
     SMCAExportWrapper,
+    dynamic_size_ok,
     export_onnx,
     export_program,
 )
@@ -64,7 +65,7 @@ def _size(text: str) -> Tuple[int, int]:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: expected HxW, e.g. 800x1066") from None
-    if not (MIN_SIZE <= h <= MAX_SIZE and MIN_SIZE <= w <= MAX_SIZE):
+    if not dynamic_size_ok(h, w):
         raise argparse.ArgumentTypeError(f"{text!r}: height and width must be in [{MIN_SIZE}, {MAX_SIZE}]")
     return h, w
 
@@ -112,7 +113,7 @@ def _check_args(parser: argparse.ArgumentParser, args) -> Optional[Tuple[int, in
         parser.error("--dynamic exports for any size: leave out --height/--width, or leave out --dynamic")
     fixed = None
     if args.height is not None:
-        if not (MIN_SIZE <= args.height <= MAX_SIZE and MIN_SIZE <= args.width <= MAX_SIZE):
+        if not dynamic_size_ok(args.height, args.width):
             parser.error(f"--height/--width must be in [{MIN_SIZE}, {MAX_SIZE}]")
         fixed = (args.height, args.width)
     if fixed is not None and args.check_sizes and any(s != fixed for s in args.check_sizes):

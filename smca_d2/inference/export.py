@@ -40,6 +40,7 @@ __all__ = [
     "OUTPUT_NAMES",
     "ExportUnavailable",
     "SMCAExportWrapper",
+    "dynamic_size_ok",
     "export_onnx",
     "export_program",
     "onnx_unavailable_reason",
@@ -89,7 +90,11 @@ class SMCAExportWrapper(nn.Module):
         return boxes, result.scores, result.pred_classes
 
 
-def _example(model: nn.Module, image_size: Optional[Tuple[int, int]], example: Optional[torch.Tensor]):
+def _trace_inputs(model: nn.Module, image_size, example, dynamic):
+    """The example image to trace (checked) and the ``dynamic_shapes`` of an export: dynamic
+    height and width unless ``image_size`` is given (or ``dynamic`` says otherwise)."""
+    if dynamic is None:
+        dynamic = image_size is None
     h, w = image_size if image_size is not None else EXAMPLE_SIZE
     if example is None:
         example = torch.rand(3, h, w, generator=torch.Generator().manual_seed(0)) * 255
@@ -99,18 +104,17 @@ def _example(model: nn.Module, image_size: Optional[Tuple[int, int]], example: O
         raise ValueError(f"example has shape {tuple(example.shape)}, expected (3, {h}, {w})")
     if not dynamic_size_ok(*example.shape[1:]):
         raise ValueError(f"image size {tuple(example.shape[1:])}: height and width must be in [{MIN_SIZE}, {MAX_SIZE}]")
-    return example.to(model.pixel_mean.device)
+    shapes = None
+    if dynamic:
+        height = torch.export.Dim("height", min=MIN_SIZE, max=MAX_SIZE)
+        width = torch.export.Dim("width", min=MIN_SIZE, max=MAX_SIZE)
+        shapes = {INPUT_NAME: {1: height, 2: width}}
+    return example.to(model.pixel_mean.device), shapes
 
 
 def dynamic_size_ok(height: int, width: int) -> bool:
     """Whether a dynamic export takes an image of this size."""
     return MIN_SIZE <= int(height) <= MAX_SIZE and MIN_SIZE <= int(width) <= MAX_SIZE
-
-
-def _dynamic_shapes():
-    height = torch.export.Dim("height", min=MIN_SIZE, max=MAX_SIZE)
-    width = torch.export.Dim("width", min=MIN_SIZE, max=MAX_SIZE)
-    return {INPUT_NAME: {1: height, 2: width}}
 
 
 def export_program(
@@ -128,17 +132,10 @@ def export_program(
         example: an example image [3, H, W] to trace (default: random values in 0..255).
         dynamic: one program for any image size (default: when ``image_size`` is None).
     """
-    if dynamic is None:
-        dynamic = image_size is None
     model.eval()
-    example = _example(model, image_size, example)
+    example, dynamic_shapes = _trace_inputs(model, image_size, example, dynamic)
     with torch.no_grad():
-        return torch.export.export(
-            SMCAExportWrapper(model),
-            (example,),
-            dynamic_shapes=_dynamic_shapes() if dynamic else None,
-            strict=False,
-        )
+        return torch.export.export(SMCAExportWrapper(model), (example,), dynamic_shapes=dynamic_shapes, strict=False)
 
 
 def onnx_unavailable_reason() -> Optional[str]:
@@ -180,10 +177,8 @@ def export_onnx(
         raise ExportUnavailable(reason)
     import onnx
 
-    if dynamic is None:
-        dynamic = image_size is None
     model.eval()
-    example = _example(model, image_size, example)
+    example, dynamic_shapes = _trace_inputs(model, image_size, example, dynamic)
     # The module, not an ExportedProgram of it: the exporter's own trace decomposes the graph
     # for ONNX; re-decomposing a program from export_program fails on a strided view.
     with torch.no_grad():
@@ -193,7 +188,7 @@ def export_onnx(
             path,
             input_names=[INPUT_NAME],
             output_names=list(OUTPUT_NAMES),
-            dynamic_shapes=_dynamic_shapes() if dynamic else None,
+            dynamic_shapes=dynamic_shapes,
             opset_version=opset_version,
             dynamo=True,
             optimize=optimize,
