@@ -34,10 +34,12 @@ import torch
 
 import smca_d2  # noqa: F401  (compatibility fixes, registrations)
 from smca_d2.checkpoint import EMA_KEY, CheckpointUnavailableError, SafeCheckpointer
-from smca_d2.compat import create_ddp_model, launch
+from smca_d2.compat import create_ddp_model
 from smca_d2.engine import (
+    DEFAULT_PEER_TIMEOUT,
     AMPTrainer,
     DeterministicSteps,
+    DistributedJobError,
     EMAHook,
     ModelEMA,
     NonFiniteLossCheck,
@@ -48,6 +50,7 @@ from smca_d2.engine import (
     describe_config_changes,
     inference_autocast,
     inference_dtype,
+    launch,
     load_config,
     use_ema_weights,
 )
@@ -157,6 +160,14 @@ def argument_parser():
         help="run the dataset function, mapper and training loader that the config names even when "
         "they are detectron2's (by default smca_d2's validating / resumable drop-ins replace them)",
     )
+    parser.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=DEFAULT_PEER_TIMEOUT,
+        metavar="SECONDS",
+        help="in a multi-process job, a process that has not answered for this long counts as lost and "
+        "every process stops, naming it (default: %(default)s; 0: wait for the collectives' own timeout)",
+    )
     return parser
 
 
@@ -194,6 +205,9 @@ if __name__ == "__main__":
             machine_rank=args.machine_rank,
             dist_url=args.dist_url,
             args=(args,),
+            peer_timeout=args.peer_timeout,
         )
     except (ConfigNotFoundError, CheckpointUnavailableError) as e:  # a path to fix, not a bug
         sys.exit(f"train_net.py: {e}")
+    except DistributedJobError as e:  # the processes' own logs say more
+        sys.exit(f"train_net.py: {e} Continue from the last complete checkpoint with --resume.")

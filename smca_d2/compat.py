@@ -15,7 +15,8 @@ Where ``main`` has a piece that ``v0.6`` lacks, the upstream piece is used when 
 =========================================  ===================================================
 upstream (``main``)                        in smca_d2
 =========================================  ===================================================
-``engine.launch`` with GLOO on the CPU     :func:`launch` delegates to it; own CPU workers on
+``engine.launch`` with GLOO on the CPU     its process entry is used by
+                                           ``smca_d2.engine.launch``; an own GLOO entry on
                                            v0.6 (NCCL hard-coded, CUDA asserted there)
 ``create_ddp_model``                       :func:`create_ddp_model` delegates, adding
                                            ``device_ids=None`` for a CPU model (v0.6 passes
@@ -47,7 +48,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["HAS_C", "apply", "create_ddp_model", "flop_count_analysis", "launch", "MissingExtensionError"]
+__all__ = ["HAS_C", "apply", "create_ddp_model", "distributed_worker", "flop_count_analysis", "MissingExtensionError"]
 
 logger = logging.getLogger(__name__)
 
@@ -159,56 +160,21 @@ def _detectron2_launch_supports_cpu() -> bool:
     return "GLOO" in inspect.getsource(launch_module)
 
 
-def launch(
-    main_func,
-    num_gpus_per_machine,
-    num_machines=1,
-    machine_rank=0,
-    dist_url=None,
-    args=(),
-    timeout=DEFAULT_TIMEOUT,
-):
-    """:func:`detectron2.engine.launch`, also on machines without a GPU.
-
-    detectron2 ``main`` picks GLOO when there is no GPU; ``v0.6`` hard-codes NCCL and asserts
-    CUDA. Where detectron2's own launch can do the job it is used unchanged. ``num_gpus_per_machine``
-    is the number of processes per machine (one per GPU, or CPU workers without GPUs).
-    """
-    from detectron2.engine import launch as d2_launch
-
+def distributed_worker():
+    """The entry of each process of a multi-process job (``local_rank, main_func, world_size,
+    num_gpus_per_machine, machine_rank, dist_url, args, timeout``), which sets up the process
+    group, the local group and the device and then calls ``main_func(*args)``: detectron2's, or
+    on v0.6 without CUDA :func:`_cpu_worker`, the same with GLOO."""
     if torch.cuda.is_available() or _detectron2_launch_supports_cpu():
-        return d2_launch(
-            main_func,
-            num_gpus_per_machine,
-            num_machines=num_machines,
-            machine_rank=machine_rank,
-            dist_url=dist_url,
-            args=args,
-            timeout=timeout,
-        )
-    world_size = num_machines * num_gpus_per_machine
-    if world_size <= 1:
-        return main_func(*args)
-    if dist_url == "auto":
-        if num_machines != 1:
-            raise ValueError("dist_url=auto is not supported for multi-machine jobs.")
-        from detectron2.engine.launch import _find_free_port
+        return _detectron2_worker
+    return _cpu_worker
 
-        dist_url = f"tcp://127.0.0.1:{_find_free_port()}"
-    torch.multiprocessing.start_processes(
-        _cpu_worker,
-        nprocs=num_gpus_per_machine,
-        args=(
-            main_func,
-            world_size,
-            num_gpus_per_machine,
-            machine_rank,
-            dist_url,
-            args,
-            timeout,
-        ),
-        daemon=False,
-    )
+
+def _detectron2_worker(*args):
+    apply()  # a spawned process starts fresh
+    from detectron2.engine.launch import _distributed_worker
+
+    _distributed_worker(*args)
 
 
 def _cpu_worker(local_rank, main_func, world_size, num_per_machine, machine_rank, dist_url, args, timeout):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from smca_d2 import compat
+from smca_d2.engine import launch
 
 
 def test_smca_d2_and_detectron2_import():
@@ -105,7 +106,7 @@ def _ddp_worker(out_dir):
 
 
 def test_launch_two_processes_on_cpu(tmp_path):
-    compat.launch(_ddp_worker, 2, dist_url="auto", args=(str(tmp_path),))
+    launch(_ddp_worker, 2, dist_url="auto", args=(str(tmp_path),))
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for r in results:
         assert r["sum"].item() == 3.0

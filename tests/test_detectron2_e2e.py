@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from smca_d2.compat import launch
+from smca_d2.engine import launch
 
 from detectron2 import model_zoo
 from detectron2.checkpoint import DetectionCheckpointer

@@ -87,7 +87,7 @@ def _report_rank(out_dir):
 MACHINE = """
 import sys
 import smca_d2
-from smca_d2.compat import launch
+from smca_d2.engine import launch
 sys.path.insert(0, {tests!r})
 from test_distributed import _report_rank
 launch(_report_rank, 1, num_machines=2, machine_rank={rank}, dist_url={url!r}, args=({out!r},))

@@ -32,6 +32,7 @@ import logging
 import os
 import pickle
 import re
+import zipfile
 from typing import Any, Dict, List, Optional
 from urllib.parse import parse_qs, urlparse
 
@@ -47,6 +48,8 @@ __all__ = [
     "TRUST_ENV",
     "CheckpointMismatchError",
     "CheckpointUnavailableError",
+    "CheckpointWriteError",
+    "DamagedCheckpointError",
     "NonFiniteWeightsError",
     "SafeCheckpointer",
     "UnsafeCheckpointError",
@@ -77,6 +80,15 @@ class CheckpointUnavailableError(FileNotFoundError):
 #: detectron2 ``main`` parses ``?matching_heuristics=True`` in ``DetectionCheckpointer.load`` and
 #: reads ``.pth`` files through ``_torch_load``; ``v0.6`` has neither (see smca_d2.compat).
 UPSTREAM_URL_QUERIES = hasattr(DetectionCheckpointer, "_torch_load")
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, file size limit, unwritable folder); nothing
+    was left in its place."""
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint file that cannot be read: cut short (a full disk), empty, or not a checkpoint."""
 
 
 class NonFiniteWeightsError(FloatingPointError):
@@ -175,7 +187,15 @@ def _torch_load(path: str, *, trust: Optional[bool] = None):
         with PathManager.open(path, "rb") as f:
             return torch.load(f, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise _unsafe(path, str(e), "tensors, numbers, strings and containers") from None
+        error = _unsafe(path, str(e), "tensors, numbers, strings and containers")
+        if isinstance(error, UnsafeCheckpointError):
+            raise error from None
+        raise DamagedCheckpointError(str(error)) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as e:  # what torch.load raises for a cut-off or foreign file
+        size = os.path.getsize(path) if os.path.isfile(path) else None
+        raise DamagedCheckpointError(
+            f"cannot read checkpoint {path}" + (f" ({size} bytes)" if size is not None else "") + f": {e}"
+        ) from None
 
 
 def load_checkpoint_file(path: str, *, trust: Optional[bool] = None) -> Dict[str, Any]:
@@ -282,9 +302,18 @@ class SafeCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {save_file}")
-        os.makedirs(self.save_dir, exist_ok=True)
-        atomic_write(save_file, lambda f: torch.save(data, f))
-        self.tag_last_checkpoint(basename)
+        previous = self.get_checkpoint_file() if self.has_checkpoint() else None
+        try:
+            os.makedirs(self.save_dir, exist_ok=True)
+            atomic_write(save_file, lambda f: torch.save(data, f))
+            self.tag_last_checkpoint(basename)
+        except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+            raise CheckpointWriteError(
+                f"cannot write checkpoint {save_file}: {e}. Nothing was left in its place. The last "
+                f"complete checkpoint is {previous or 'none (this was the first)'}; --resume continues "
+                f"from it once {self.save_dir} is writable and has space (or with another train.output_dir "
+                "holding a copy of it)."
+            ) from e
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         if not self._is_local():
@@ -317,10 +346,52 @@ class SafeCheckpointer(DetectionCheckpointer):
                 )
             self._strict_now = self._resuming = True  # resuming into another model is a config change
             try:
-                return self.load(last)
+                return self._resume_from(last)
             finally:
                 self._strict_now, self._resuming = self.strict, False
         return self.load(path, checkpointables=[])
+
+    def _resume_from(self, last: str) -> Dict[str, Any]:
+        """Load ``last``; if it is damaged (cut short by a full disk, emptied), the newest readable
+        checkpoint of ``save_dir`` instead. A damaged file is kept, renamed to ``<name>.damaged``,
+        so that it is neither tried again nor lost."""
+        damaged = []
+        for path in [last, *self._older_checkpoints(last)]:
+            try:
+                loaded = self.load(path)
+            except DamagedCheckpointError as e:
+                damaged.append(f"{os.path.basename(path)} ({e})")
+                self._set_aside(path)
+                continue
+            if damaged:
+                self.logger.warning(
+                    f"Resuming from {path}, the newest checkpoint that can be read: "
+                    f"{'; '.join(damaged)}. Renamed to *.damaged."
+                )
+                self.tag_last_checkpoint(os.path.basename(path))
+            return loaded
+        raise DamagedCheckpointError(
+            f"--resume found no readable checkpoint in {self.save_dir}: {'; '.join(damaged)}. They were "
+            "renamed to *.damaged. Start without --resume, or set train.init_checkpoint to a good copy."
+        )
+
+    def _older_checkpoints(self, last: str) -> List[str]:
+        """The other checkpoints of ``save_dir`` (``model_*.pth``), newest first."""
+        if not self._is_local() or not os.path.isdir(self.save_dir):
+            return []
+        paths = [
+            os.path.join(self.save_dir, name)
+            for name in os.listdir(self.save_dir)
+            if name.startswith("model_") and name.endswith(".pth")
+        ]
+        paths = [p for p in paths if os.path.abspath(p) != os.path.abspath(last)]
+        return sorted(paths, key=os.path.getmtime, reverse=True)
+
+    def _set_aside(self, path: str) -> None:
+        try:
+            os.replace(path, f"{path}.damaged")
+        except OSError as e:
+            self.logger.warning(f"Could not rename the damaged checkpoint {path}: {e}")
 
     def load(self, path: str, *args, **kwargs) -> Dict[str, Any]:
         self._query = None

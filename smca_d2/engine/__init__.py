@@ -11,11 +11,14 @@ from .config import (
     describe_config_changes,
     load_config,
 )
+from .distributed import DEFAULT_PEER_TIMEOUT, DistributedJobError, launch
 from .ema import EMAHook, ModelEMA, use_ema_weights
 from .hooks import DeterministicSteps, NonFiniteLossCheck, NonFiniteLossError
 
 __all__ = [
     "AMPTrainer",
+    "DEFAULT_PEER_TIMEOUT",
+    "DistributedJobError",
     "ConfigChange",
     "DeterministicSteps",
     "EMAHook",
@@ -32,6 +35,7 @@ __all__ = [
     "describe_config_changes",
     "inference_autocast",
     "inference_dtype",
+    "launch",
     "load_config",
     "use_ema_weights",
 ]
