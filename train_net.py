@@ -33,7 +33,13 @@ import sys
 import torch
 
 import smca_d2  # noqa: F401  (compatibility fixes, registrations)
-from smca_d2.checkpoint import EMA_KEY, CheckpointUnavailableError, SafeCheckpointer
+from smca_d2.checkpoint import (
+    EMA_KEY,
+    CheckpointUnavailableError,
+    CheckpointWriteError,
+    DamagedCheckpointError,
+    SafeCheckpointer,
+)
 from smca_d2.compat import create_ddp_model
 from smca_d2.engine import (
     DEFAULT_PEER_TIMEOUT,
@@ -41,8 +47,10 @@ from smca_d2.engine import (
     DeterministicSteps,
     DistributedJobError,
     EMAHook,
+    MetricsWriteError,
     ModelEMA,
     NonFiniteLossCheck,
+    PeriodicWriter,
     amp_dtype,
     check_config_datasets,
     check_device,
@@ -139,7 +147,7 @@ def do_train(args, cfg):
             EMAHook(ema) if ema is not None else None,  # before the checkpointer and the evaluation
             hooks.PeriodicCheckpointer(checkpointer, **cfg.train.checkpointer) if comm.is_main_process() else None,
             hooks.EvalHook(cfg.train.eval_period, lambda: do_test(cfg, model, test_loader, ema)),
-            hooks.PeriodicWriter(
+            PeriodicWriter(
                 default_writers(cfg.train.output_dir, cfg.train.max_iter),
                 period=cfg.train.log_period,
             )
@@ -207,7 +215,13 @@ if __name__ == "__main__":
             args=(args,),
             peer_timeout=args.peer_timeout,
         )
-    except (ConfigNotFoundError, CheckpointUnavailableError) as e:  # a path to fix, not a bug
+    except (
+        ConfigNotFoundError,
+        CheckpointUnavailableError,
+        CheckpointWriteError,
+        DamagedCheckpointError,
+        MetricsWriteError,
+    ) as e:  # a path or a disk to fix, not a bug
         sys.exit(f"train_net.py: {e}")
     except DistributedJobError as e:  # the processes' own logs say more
         sys.exit(f"train_net.py: {e} Continue from the last complete checkpoint with --resume.")

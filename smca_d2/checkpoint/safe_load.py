@@ -246,6 +246,39 @@ def atomic_write(path: str, write_fn) -> None:
     _fsync_dir(directory)
 
 
+class _WriteErrorRecorder(io.RawIOBase):
+    """A writable file that keeps the first OSError of its writes: ``torch.save`` turns it into a
+    RuntimeError whose message ("unexpected pos ...") names neither the cause nor the file."""
+
+    def __init__(self, f):
+        super().__init__()
+        self._f = f
+        self.error: Optional[OSError] = None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def _torch_save(data, f) -> None:
+    recorder = _WriteErrorRecorder(f)
+    try:
+        torch.save(data, recorder)
+    except RuntimeError:
+        if recorder.error is not None:
+            raise recorder.error from None
+        raise
+
+
 def _non_finite_tensors(state_dict: Dict[str, Any]) -> List[str]:
     return [
         k
@@ -305,7 +338,7 @@ class SafeCheckpointer(DetectionCheckpointer):
         previous = self.get_checkpoint_file() if self.has_checkpoint() else None
         try:
             os.makedirs(self.save_dir, exist_ok=True)
-            atomic_write(save_file, lambda f: torch.save(data, f))
+            atomic_write(save_file, lambda f: _torch_save(data, f))
             self.tag_last_checkpoint(basename)
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
             raise CheckpointWriteError(

@@ -13,7 +13,7 @@ from .config import (
 )
 from .distributed import DEFAULT_PEER_TIMEOUT, DistributedJobError, launch
 from .ema import EMAHook, ModelEMA, use_ema_weights
-from .hooks import DeterministicSteps, NonFiniteLossCheck, NonFiniteLossError
+from .hooks import DeterministicSteps, MetricsWriteError, NonFiniteLossCheck, NonFiniteLossError, PeriodicWriter
 
 __all__ = [
     "AMPTrainer",
@@ -22,9 +22,11 @@ __all__ = [
     "ConfigChange",
     "DeterministicSteps",
     "EMAHook",
+    "MetricsWriteError",
     "ModelEMA",
     "NonFiniteLossCheck",
     "NonFiniteLossError",
+    "PeriodicWriter",
     "UnknownConfigKeyError",
     "adapt_foreign_config",
     "amp_dtype",

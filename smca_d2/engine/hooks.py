@@ -1,5 +1,7 @@
-"""Training hooks: stop cleanly on a non-finite loss; make each iteration reproducible on resume."""
+"""Training hooks: stop cleanly on a non-finite loss; make each iteration reproducible on resume;
+name the file when writing the metrics fails."""
 
+import contextlib
 import logging
 import math
 import random
@@ -12,9 +14,10 @@ import torch
 from smca_d2.data.resumable_loader import sample_seed
 
 from detectron2.engine import HookBase
+from detectron2.engine import hooks as d2_hooks
 from detectron2.utils import comm
 
-__all__ = ["DeterministicSteps", "NonFiniteLossCheck", "NonFiniteLossError"]
+__all__ = ["DeterministicSteps", "MetricsWriteError", "NonFiniteLossCheck", "NonFiniteLossError", "PeriodicWriter"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,3 +128,43 @@ class DeterministicSteps(HookBase):
         if seed != self.seed:
             logger.info(f"Resuming with the seed of the checkpoint ({seed}) instead of {self.seed}.")
         self.seed = seed
+
+
+class MetricsWriteError(OSError):
+    """Writing the training metrics failed (disk full, file size limit, unwritable folder)."""
+
+
+def _writer_outputs(writers):
+    paths = []
+    for writer in writers:
+        handle = getattr(writer, "_file_handle", None)  # JSONWriter
+        if handle is not None and getattr(handle, "name", None):
+            paths.append(str(handle.name))
+        summary = getattr(writer, "_writer", None)  # TensorboardXWriter
+        if summary is not None and hasattr(summary, "logdir"):
+            paths.append(str(summary.logdir))
+    return paths
+
+
+class PeriodicWriter(d2_hooks.PeriodicWriter):
+    """detectron2's ``PeriodicWriter``; a failed write raises :class:`MetricsWriteError` naming
+    the files written to (detectron2's error names none: ``[Errno 28] No space left on device``)."""
+
+    @contextlib.contextmanager
+    def _naming_the_files(self):
+        try:
+            yield
+        except OSError as e:
+            raise MetricsWriteError(
+                f"cannot write the training metrics to {', '.join(_writer_outputs(self._writers)) or 'the writers'}: "
+                f"{e}. Training stops here; the checkpoints written so far are complete, and --resume "
+                "continues from the last one once the folder is writable and has space."
+            ) from e
+
+    def after_step(self):
+        with self._naming_the_files():
+            super().after_step()
+
+    def after_train(self):
+        with self._naming_the_files():
+            super().after_train()

@@ -15,6 +15,8 @@ from torch import nn
 
 from smca_d2.checkpoint import (
     TRUST_ENV,
+    CheckpointWriteError,
+    DamagedCheckpointError,
     NonFiniteWeightsError,
     SafeCheckpointer,
     UnsafeCheckpointError,
@@ -219,3 +221,108 @@ def test_trainer_state_with_amp_grad_scaler_round_trips(tmp_path):
     assert second.grad_scaler.get_scale() == 1234.0
     a, b = optimizer.state_dict()["state"], optimizer2.state_dict()["state"]
     assert a.keys() == b.keys() and all(torch.equal(a[i]["exp_avg"], b[i]["exp_avg"]) for i in a)
+
+
+# --------------------------------------------------------------------------------------------
+# Disk full, damaged last checkpoint
+# --------------------------------------------------------------------------------------------
+_SAVE_WITH_FILE_SIZE_LIMIT = textwrap.dedent(
+    """
+    import os, resource, signal, sys
+    import torch
+    from torch import nn
+    import smca_d2  # noqa
+    from smca_d2.checkpoint import CheckpointWriteError, SafeCheckpointer
+
+    out = sys.argv[1]
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 10))
+    checkpointer = SafeCheckpointer(model, out)
+    checkpointer.save("model_0000001")
+    # A full disk from here on: files cannot grow past a third of a checkpoint (writes fail with
+    # EFBIG instead of the process being killed by SIGXFSZ).
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    limit = os.path.getsize(os.path.join(out, "model_0000001.pth")) // 3
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    try:
+        checkpointer.save("model_0000002")
+    except CheckpointWriteError as e:
+        print(f"ERROR: {e}")
+    """
+)
+
+
+def test_disk_full_during_a_checkpoint_write(tmp_path):
+    out = tmp_path / "out"
+    script = tmp_path / "save_with_limit.py"
+    script.write_text(_SAVE_WITH_FILE_SIZE_LIMIT)
+    run = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    message = run.stdout
+    assert f"cannot write checkpoint {out / 'model_0000002.pth'}" in message
+    assert "File too large" in message and "The last complete checkpoint is" in message
+    assert str(out / "model_0000001.pth") in message
+    assert sorted(p.name for p in out.iterdir()) == ["last_checkpoint", "model_0000001.pth"]  # no partial file
+    assert (out / "last_checkpoint").read_text() == "model_0000001.pth"
+    torch.load(out / "model_0000001.pth", weights_only=True)
+
+
+def test_unwritable_output_folder(tmp_path):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("")  # the output folder's path is taken by a file (root can write anywhere else)
+    with pytest.raises(CheckpointWriteError, match=f"cannot write checkpoint {blocker}/model_0000001.pth"):
+        SafeCheckpointer(Net(), str(blocker)).save("model_0000001")
+
+
+def _three_checkpoints(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    checkpointer = SafeCheckpointer(model, str(tmp_path))
+    saved = {}
+    for i in (1, 2, 3):
+        with torch.no_grad():
+            model.head.bias.fill_(float(i))
+        checkpointer.save(f"model_000000{i}")
+        saved[i] = torch.load(tmp_path / f"model_000000{i}.pth", weights_only=True)["model"]
+        os.utime(tmp_path / f"model_000000{i}.pth", (i, i))  # written in this order
+    return saved
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty"])
+def test_resume_with_a_damaged_last_checkpoint_uses_the_newest_good_one(tmp_path, damage, caplog):
+    saved = _three_checkpoints(tmp_path)
+    last = tmp_path / "model_0000003.pth"
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
+
+    model = Net()
+    with caplog.at_level("WARNING"):
+        SafeCheckpointer(model, str(tmp_path)).resume_or_load("", resume=True)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved[2].items())
+    assert "Resuming from" in caplog.text and "model_0000002.pth" in caplog.text and "model_0000003.pth" in caplog.text
+    assert (tmp_path / "model_0000003.pth.damaged").exists() and not last.exists()  # set aside, not deleted
+    assert (tmp_path / "last_checkpoint").read_text() == "model_0000002.pth"
+
+
+def test_resume_with_every_checkpoint_damaged_refuses(tmp_path):
+    _three_checkpoints(tmp_path)
+    for i in (1, 2, 3):
+        (tmp_path / f"model_000000{i}.pth").write_bytes(b"")
+    with pytest.raises(DamagedCheckpointError, match="--resume found no readable checkpoint in"):
+        SafeCheckpointer(Net(), str(tmp_path)).resume_or_load("", resume=True)
+    assert sorted(p.name for p in tmp_path.glob("*.damaged")) == [f"model_000000{i}.pth.damaged" for i in (1, 2, 3)]
+
+
+def test_metrics_write_on_a_full_disk_names_the_file(tmp_path):
+    """/dev/full: every write fails with ENOSPC, as on a full disk."""
+    from smca_d2.engine import MetricsWriteError, PeriodicWriter
+
+    from detectron2.utils.events import EventStorage, JSONWriter
+
+    class Trainer:
+        iter, max_iter = 0, 1
+
+    hook = PeriodicWriter([JSONWriter("/dev/full")], period=1)
+    hook.trainer = Trainer()
+    with EventStorage(0) as storage, pytest.raises(MetricsWriteError, match="metrics to /dev/full: .*No space left"):
+        storage.put_scalar("loss", 1.0)
+        hook.after_step()
