@@ -1,9 +1,11 @@
 """A multi-process job for the tests of tests/reliability/test_distributed_faults.py: each rank
-all-reduces in a loop, as training does, and says it is running by writing ``rank<R>.running``.
+all-reduces in a loop, as training does, and says it is running by writing ``rank<R>.running``
+(with what it sees of the job: world size, local rank, processes on its machine, sum of the ranks).
 
     python distributed_job.py OUT MACHINE_RANK NUM_MACHINES PROCS_PER_MACHINE DIST_URL PEER_TIMEOUT
 """
 
+import json
 import os
 import sys
 import time
@@ -15,9 +17,17 @@ def all_reduce_loop(out: str, seconds: float) -> None:
 
     from detectron2.utils import comm
 
+    total = torch.tensor([float(comm.get_rank())])
+    dist.all_reduce(total)  # every rank is in the job
+    report = {
+        "world": comm.get_world_size(),
+        "local_rank": comm.get_local_rank(),
+        "machine_size": comm.get_local_size(),
+        "rank_sum": total.item(),
+    }
+    with open(os.path.join(out, f"rank{comm.get_rank()}.running"), "w") as f:
+        json.dump(report, f)
     x = torch.ones(1)
-    dist.all_reduce(x)  # every rank is in the job
-    open(os.path.join(out, f"rank{comm.get_rank()}.running"), "w").close()
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         dist.all_reduce(x)

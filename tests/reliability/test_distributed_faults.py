@@ -5,6 +5,7 @@ the lost rank; the last complete checkpoint is intact and ``--resume`` continues
 Real processes throughout: two launchers with ``--machine-rank 0`` and ``1`` on localhost (two
 "machines"), or one launcher with two processes (``--num-gpus 2``), on GLOO."""
 
+import json
 import os
 import re
 import signal
@@ -137,6 +138,9 @@ def _stop_after_losing(launchers, victim, sig, tmp_path, world_size):
 def test_kill9_of_a_machine_s_process_stops_the_other_machine(tmp_path):
     launchers = _job(tmp_path, machines=2, procs=1)
     took = _stop_after_losing(launchers, 1, signal.SIGKILL, tmp_path, world_size=2)
+    for r in (0, 1):  # the two launchers had formed one job
+        seen = json.loads((tmp_path / f"rank{r}.running").read_text())
+        assert seen == {"world": 2, "local_rank": 0, "machine_size": 1, "rank_sum": 1.0}
     assert max(took) < EXIT_BOUND, took
     for launcher in launchers:  # both say which rank was lost and how, the other machine included
         assert re.search(r"The job stopped: rank 1 \(pid \d+, machine 1\) was killed by SIGKILL", launcher.output), (
