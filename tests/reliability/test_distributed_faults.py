@@ -211,3 +211,38 @@ def test_train_net_kill9_of_a_rank_then_resume(tmp_path, compare):
     a = torch.load(reference / "model_final.pth", weights_only=True)["model"]
     b = torch.load(out / "model_final.pth", weights_only=True)["model"]
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+# --------------------------------------------------------------------------------------------
+# The watchdog's pieces, in this process, on a store of its own
+# --------------------------------------------------------------------------------------------
+def test_store_address(monkeypatch):
+    from smca_d2.engine.watchdog import store_address
+
+    assert store_address("tcp://10.0.0.1:29500") == ("10.0.0.1", 29500)
+    monkeypatch.setenv("MASTER_ADDR", "node0")
+    monkeypatch.setenv("MASTER_PORT", "1234")
+    assert store_address("env://") == ("node0", 1234)
+    assert store_address("file:///shared/rendezvous") is None and store_address(None) is None
+
+
+def test_watchdog_finds_a_silent_rank_and_the_first_reason_wins():
+    import torch.distributed as dist
+
+    from smca_d2.engine.watchdog import JobStore, PeerWatchdog
+
+    port = _free_port()
+    server = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)  # noqa: F841  (keeps it up)
+    found = []
+    rank0 = PeerWatchdog(("127.0.0.1", port), 0, 3, timeout=1.0, on_failure=found.append)
+    rank1 = PeerWatchdog(("127.0.0.1", port), 1, 3, timeout=1.0)
+    deadline = time.monotonic() + 10
+    while not found and time.monotonic() < deadline:  # rank 1 beats, rank 2 never does
+        rank1.poll()
+        rank0.poll()
+        time.sleep(0.1)
+    assert found == [
+        "rank 2 has not answered for 1 s: its process was killed, hung or stopped, or its machine is unreachable"
+    ]
+    assert rank1.poll() == found[0]  # the others read the same reason
+    assert JobStore(("127.0.0.1", port), 1.0).report_failure("a later failure") == found[0]
