@@ -28,7 +28,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
 
 from .annotations import log_box_stats, sanitize_annotations
-from .coco_json import validate_coco_json
+from .coco_json import gc_paused, load_coco_api, use_parsed_coco
 from .dataset_files import check_dataset_files
 from .errors import DatasetValidationError
 from .image_checks import check_image_files
@@ -52,10 +52,12 @@ def validated_dataset_dicts(
     """:func:`detectron2.data.get_detection_dataset_dicts` with the checks of this package.
 
     For each dataset: the json and image folder must exist (:func:`check_dataset_files`); a COCO
-    json is checked (:func:`validate_coco_json`) before detectron2 loads it; boxes are clipped or
-    dropped (:func:`sanitize_annotations`, counts logged); with ``check_images`` every image file
-    is opened (:func:`check_image_files`; ``verify_images`` decodes them in full). Then, as in
-    detectron2, images with no (non-crowd) annotation are dropped when ``filter_empty``.
+    json is parsed once and checked (:func:`load_coco_api`), and detectron2's ``load_coco_json``
+    builds the dicts from that parse (:func:`use_parsed_coco`), so that checking costs no second
+    parse; boxes are clipped or dropped (:func:`sanitize_annotations`, counts logged); with
+    ``check_images`` every image file is opened (:func:`check_image_files`; ``verify_images``
+    decodes them in full). Then, as in detectron2, images with no (non-crowd) annotation are
+    dropped when ``filter_empty``.
 
     Raises:
         DatasetNotFoundError, DatasetValidationError: before any training starts.
@@ -79,8 +81,15 @@ def validated_dataset_dicts(
         meta = MetadataCatalog.get(name)
         json_file = meta.get("json_file", None)
         if json_file and str(json_file).endswith(".json"):
-            validate_coco_json(json_file, name)
-        dicts = DatasetCatalog.get(name)
+            # Parsed and checked once, and detectron2's load_coco_json builds the dicts from that
+            # parse; the cyclic garbage collector waits meanwhile (gc_paused says why).
+            with gc_paused():
+                coco_api = load_coco_api(json_file, name)
+                with use_parsed_coco(json_file, coco_api):
+                    del coco_api  # the context holds it until load_coco_json takes it
+                    dicts = DatasetCatalog.get(name)
+        else:
+            dicts = DatasetCatalog.get(name)
         if isinstance(dicts, torch.utils.data.Dataset):
             logger.warning(f"Dataset '{name}' is a torch Dataset, not a list of dicts: it is not validated.")
             all_dicts.append(dicts)
