@@ -47,6 +47,7 @@ def validated_dataset_dicts(
     *,
     check_images: bool = True,
     verify_images: bool = False,
+    cache_image_checks: bool = True,
     num_threads: int = 8,
 ) -> List[Dict]:
     """:func:`detectron2.data.get_detection_dataset_dicts` with the checks of this package.
@@ -56,8 +57,10 @@ def validated_dataset_dicts(
     builds the dicts from that parse (:func:`use_parsed_coco`), so that checking costs no second
     parse; boxes are clipped or dropped (:func:`sanitize_annotations`, counts logged); with
     ``check_images`` every image file is opened (:func:`check_image_files`; ``verify_images``
-    decodes them in full). Then, as in detectron2, images with no (non-crowd) annotation are
-    dropped when ``filter_empty``.
+    decodes them in full), and a check that passed is not repeated while the json and the image
+    files stay the same (``cache_image_checks``; the record is kept under ``$SMCA_D2_CACHE_DIR``,
+    see :mod:`smca_d2.data.check_cache`). Then, as in detectron2, images with no (non-crowd)
+    annotation are dropped when ``filter_empty``.
 
     Raises:
         DatasetNotFoundError, DatasetValidationError: before any training starts.
@@ -101,7 +104,14 @@ def validated_dataset_dicts(
         dicts, stats = sanitize_annotations(dicts, name, len(classes) if classes is not None else None)
         log_box_stats(name, len(dicts), num_boxes, stats)
         if check_images:
-            check_image_files(dicts, name, verify=verify_images, num_threads=num_threads)
+            check_image_files(
+                dicts,
+                name,
+                verify=verify_images,
+                num_threads=num_threads,
+                json_file=json_file,
+                use_cache=cache_image_checks,
+            )
         if proposal_files is not None:
             dicts = load_proposals_into_dataset(dicts, proposal_files[i])
         all_dicts.append(dicts)
