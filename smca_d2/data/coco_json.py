@@ -230,11 +230,12 @@ def gc_paused():
     """Python's cyclic garbage collector paused while in this context (and resumed after, if it
     ran before).
 
-    A COCO json parses into millions of dicts and lists, and detectron2 builds a million more from
-    them. None of them is part of a reference cycle, so the collector frees nothing there; but
-    each of its full passes visits every one of them, and as the number of objects grows it makes
-    many such passes: most of the time of loading a COCO-sized json goes to them. Reference
-    counting, which frees everything else, is not paused.
+    A COCO-sized json parses into millions of dicts and lists, and detectron2 builds a million
+    more from them. None of them is part of a reference cycle, so the collector frees nothing
+    there; but each of its full passes visits every one of them, and as their number grows it
+    makes many such passes: they take much of the time of loading the json, and every full pass
+    during the checks that follow visits the whole dataset again. Use it around code that makes
+    no reference cycles (reference counting, which frees everything else, is not paused).
     """
     enabled = gc.isenabled()
     gc.disable()

@@ -101,17 +101,18 @@ def validated_dataset_dicts(
             raise DatasetValidationError(f"Dataset '{name}' is empty" + (f" ({json_file})" if json_file else ""))
         classes = meta.get("thing_classes", None)
         num_boxes = sum(len(d.get("annotations", ())) for d in dicts)
-        dicts, stats = sanitize_annotations(dicts, name, len(classes) if classes is not None else None)
-        log_box_stats(name, len(dicts), num_boxes, stats)
-        if check_images:
-            check_image_files(
-                dicts,
-                name,
-                verify=verify_images,
-                num_threads=num_threads,
-                json_file=json_file,
-                use_cache=cache_image_checks,
-            )
+        with gc_paused():  # the checks make no reference cycles
+            dicts, stats = sanitize_annotations(dicts, name, len(classes) if classes is not None else None)
+            log_box_stats(name, len(dicts), num_boxes, stats)
+            if check_images:
+                check_image_files(
+                    dicts,
+                    name,
+                    verify=verify_images,
+                    num_threads=num_threads,
+                    json_file=json_file,
+                    use_cache=cache_image_checks,
+                )
         if proposal_files is not None:
             dicts = load_proposals_into_dataset(dicts, proposal_files[i])
         all_dicts.append(dicts)

@@ -23,6 +23,7 @@ __all__ = ["check_image_files"]
 logger = logging.getLogger(__name__)
 
 _LOG_PERIOD = 10.0  # seconds between progress lines of a long check
+_CHUNK = 2048  # records handed to the threads at once
 
 
 def _tail_looks_truncated(f, image_format: Optional[str]) -> bool:
@@ -88,10 +89,11 @@ def _check_all(records: List[Dict], dataset_name: str, verify: bool, num_threads
     problems = []
     start = last_log = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
-        for done, problem in enumerate(pool.map(lambda r: _check_one_image(r, verify), records), start=1):
-            if problem:
-                problems.append(problem)
-            now = time.perf_counter()
+        # In chunks: the pool makes a future per record at once.
+        for first in range(0, len(records), _CHUNK):
+            chunk = records[first : first + _CHUNK]
+            problems += [p for p in pool.map(lambda r: _check_one_image(r, verify), chunk) if p]
+            done, now = first + len(chunk), time.perf_counter()
             if now - last_log >= _LOG_PERIOD and done < len(records):
                 last_log = now
                 eta = datetime.timedelta(seconds=int((now - start) / done * (len(records) - done)))
