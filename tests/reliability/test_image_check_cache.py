@@ -1,9 +1,11 @@
-"""Image files are checked once per version of a dataset (smca_d2.data.check_cache), by one
-process per machine: hits, misses, what invalidates the record, and an unwritable cache folder."""
+"""Image files are checked once per version of a dataset (smca_d2.data.check_cache): hits,
+misses, what invalidates the record, an unwritable cache folder, progress, and two processes
+(one looks the record up; without one, both share the check)."""
 
 import json
 import logging
 import os
+import re
 
 import pytest
 from reliability_helpers import register, simple_image, unique_name, write_coco
@@ -129,3 +131,12 @@ def test_two_ranks_share_one_check_and_raise_the_same_error(tmp_path):
     # Without a record, the two processes share the check; with it, neither opens a file.
     assert [(r["first"], r["second"]) for r in ranks] == [(2, 0), (1, 0)]
     assert ranks[0]["error"] == ranks[1]["error"] and "0003.png: file not found" in ranks[0]["error"]
+
+
+def test_a_long_check_logs_progress_with_an_eta(tmp_path, cache_dir, monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="smca_d2.data")
+    monkeypatch.setattr(image_checks, "_LOG_PERIOD", 0.0)
+    monkeypatch.setattr(image_checks, "_CHUNK", 1)
+    name, _, _ = _dataset(tmp_path)
+    validated_dataset_dicts(name)
+    assert re.search(rf"Dataset '{name}': checked 2/3 image files, ETA=\d+:\d\d:\d\d", caplog.text)
