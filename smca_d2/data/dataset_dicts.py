@@ -85,7 +85,8 @@ def validated_dataset_dicts(
         json_file = meta.get("json_file", None)
         if json_file and str(json_file).endswith(".json"):
             # Parsed and checked once, and detectron2's load_coco_json builds the dicts from that
-            # parse; the cyclic garbage collector waits meanwhile (gc_paused says why).
+            # parse; the cyclic garbage collector waits meanwhile (gc_paused says why: neither
+            # makes reference cycles).
             with gc_paused():
                 coco_api = load_coco_api(json_file, name)
                 with use_parsed_coco(json_file, coco_api):
