@@ -5,10 +5,11 @@ The tables sit between marker comments in docs/BENCHMARKS.md::
     <!-- BEGIN convergence-table -->  ...  <!-- END convergence-table -->
     <!-- BEGIN speed-tables -->       ...  <!-- END speed-tables -->
     <!-- BEGIN deployment-tables -->  ...  <!-- END deployment-tables -->
+    <!-- BEGIN dataset-loading-table -->  ...  <!-- END dataset-loading-table -->
 
 and are replaced as a whole; the prose around them is left as it is. The figures come from
-``docs/benchmarks/convergence.json`` (``benchmarks/convergence.py``) and
-``docs/benchmarks/speed.json`` (``benchmarks/speed.py``), with the ratios those scripts print.
+``docs/benchmarks/<name>.json``, written by ``benchmarks/<name>.py`` (convergence, speed,
+deployment, dataset_loading), with the ratios those scripts print.
 The output depends on the JSON alone, so ``tests/test_docs.py`` can check that the committed
 page is what this script writes.
 
@@ -494,17 +495,77 @@ def render_deployment(r: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Dataset loading (benchmarks/dataset_loading.py)
+# ---------------------------------------------------------------------------------------------
+def _times(ratio: float) -> str:
+    """A ratio of ours to detectron2's (time or memory; below 1 is less)."""
+    return f"{ratio:.2f}"
+
+
+def render_dataset_loading(r: dict) -> str:
+    d = r["dataset"]
+    rows = []
+    for result in r["results"]:
+        v = result["variants"]
+        d2, paused = v["detectron2"], v.get("detectron2_gc_paused")
+        for run, label in (("first", "first (no record)"), ("repeated", "repeated (recorded)")):
+            ours, ratio = v[f"ours_{run}"], result["ratios"][run]
+            rows.append(
+                [
+                    str(result["ranks"]),
+                    label,
+                    f"{d2['seconds']:.1f}",
+                    f"{paused['seconds']:.1f}" if paused else "-",
+                    f"{ours['seconds']:.1f}",
+                    _times(ratio["time"]),
+                    _times(ratio["time_vs_gc_paused"]) if paused else "-",
+                    f"{d2['peak_rss_mib']:.0f}",
+                    f"{ours['peak_rss_mib']:.0f}",
+                    _times(ratio["peak_rss"]),
+                ]
+            )
+    header = [
+        "ranks",
+        "run of ours",
+        "detectron2, s",
+        "detectron2 with the GC paused, s",
+        "ours, s",
+        "ours / detectron2",
+        "ours / detectron2 with the GC paused",
+        "detectron2 peak RSS, MiB",
+        "ours peak RSS, MiB",
+        "ours / detectron2",
+    ]
+    g = r["goal"]
+    intro = (
+        environment_line(r["environment"])
+        + f" Dataset: {d['images']:,} training images with {d['boxes']:,} boxes (after detectron2's filter),"
+        f" a {d['json_mb']:.0f} MB json, {d['image_files']:,} image files. Median of {r['settings']['rounds']}"
+        " rounds, each measurement a fresh process; time: the slowest rank, one `gc.collect()` included;"
+        " memory: the largest peak of the ranks, imports included."
+    )
+    verdict = (
+        f"On a repeated run ours takes {_times(g['repeated_time_ratio'])} of detectron2's time and "
+        f"{_times(g['repeated_peak_rss_ratio'])} of its peak memory (goal: at most {g['max_ratio']}: "
+        + ("met)." if g["met"] else "NOT met).")
+    )
+    return "\n".join([intro, ""] + _table(header, rows) + ["", verdict])
+
+
+# ---------------------------------------------------------------------------------------------
 # The page
 # ---------------------------------------------------------------------------------------------
 RENDERERS: Dict[str, Callable[[dict], str]] = {
     "convergence-table": render_convergence,
     "speed-tables": render_speed,
     "deployment-tables": render_deployment,
+    "dataset-loading-table": render_dataset_loading,
 }
 SOURCES = {
     "convergence-table": "convergence.json",
     "speed-tables": "speed.json",
     "deployment-tables": "deployment.json",
+    "dataset-loading-table": "dataset_loading.json",
 }
 
 

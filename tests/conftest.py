@@ -63,3 +63,16 @@ def write_tiny_coco(root, num_images=4, size=(64, 80), num_classes=2, seed=0):
 @pytest.fixture
 def tiny_coco(tmp_path):
     return write_tiny_coco(str(tmp_path / "tiny_coco"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _image_check_records(tmp_path_factory):
+    """Records of passed image checks (smca_d2.data.check_cache) go to a folder of the test
+    session, not to the user's ~/.cache; processes that the tests start inherit it."""
+    previous = os.environ.get("SMCA_D2_DATA_CACHE")
+    os.environ["SMCA_D2_DATA_CACHE"] = str(tmp_path_factory.mktemp("smca_d2_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("SMCA_D2_DATA_CACHE", None)
+    else:
+        os.environ["SMCA_D2_DATA_CACHE"] = previous

@@ -781,3 +781,55 @@ def test_largest_batch_estimates_from_two_batches_and_backs_off():
     assert tried == [[2, 1200.0], [4, 1400.0], [50, None], [45, None], [40, 5000.0]]
     assert largest_batch(memory, budget_mib=6000.0, cap=16)[:2] == (16, "cap")
     assert largest_batch(lambda b: None, budget_mib=6000.0, cap=16)[:2] == (None, "batch 2 does not fit")
+
+
+# ---------------------------------------------------------------------------------------------
+# benchmarks/dataset_loading.py
+# ---------------------------------------------------------------------------------------------
+def _check_dataset_loading_record(record, ranks):
+    assert [r["ranks"] for r in record["results"]] == ranks
+    for row in record["results"]:
+        v = row["variants"]
+        assert set(v) == {"detectron2", "detectron2_gc_paused", "ours_first", "ours_repeated"}
+        assert len({(x["images"], x["boxes"]) for x in v.values()}) == 1  # the same dicts' sizes
+        assert v["ours_first"]["cache_records_before"] == [0] and v["ours_repeated"]["cache_records_before"] == [1]
+        assert all(x["seconds"] > 0 and x["peak_rss_mib"] >= x["rss_before_mib"] > 0 for x in v.values())
+        assert all(len(per_round) == row["ranks"] for x in v.values() for per_round in x["per_rank"])
+        assert set(row["ratios"]["repeated"]) == {"time", "peak_rss", "time_vs_gc_paused", "peak_rss_vs_gc_paused"}
+    tables = load_script("docs/generate_benchmark_tables.py")
+    text = tables.render_dataset_loading(record)
+    assert "| 1 | first (no record) |" in text and "| 1 | repeated (recorded) |" in text
+    assert "goal: at most 1.2" in text
+
+
+def test_dataset_loading_benchmark_smoke(tmp_path, monkeypatch, capsys):
+    """The driver on a tiny generated dataset, one rank and one round, with each measurement run in
+    this process instead of a fresh one (the long test below starts them); the docs' renderer
+    takes the JSON."""
+    from smca_d2.data.coco_sized import make_coco_sized_dataset
+
+    bench = _load("dataset_loading")
+    root = tmp_path / "coco_sized"
+    make_coco_sized_dataset(str(root), num_images=40)
+    monkeypatch.setenv("SMCA_D2_DATA_CACHE", str(tmp_path / "unused"))  # measure() sets it; restored after
+    monkeypatch.setattr(bench, "run_worker", lambda spec: bench.measure(spec) or bench.read_results(spec))
+    out = tmp_path / "dataset_loading.json"
+    record = bench.main(["--root", str(root), "--ranks", "1", "--rounds", "1", "--output", str(out)])
+    assert json.loads(out.read_text())["results"] == record["results"]
+    assert record["dataset"]["image_files"] == 40 and record["environment"]["cpu_model"] is not None
+    _check_dataset_loading_record(record, [1])
+    assert "repeated run, ours / detectron2" in capsys.readouterr().out
+
+
+@pytest.mark.long
+def test_dataset_loading_benchmark_processes(tmp_path):
+    """benchmarks/dataset_loading.py as a user runs it: a process per measurement, 1 and 2 ranks."""
+    from smca_d2.data.coco_sized import make_coco_sized_dataset
+
+    root = tmp_path / "coco_sized"
+    make_coco_sized_dataset(str(root), num_images=40)
+    out = tmp_path / "dataset_loading.json"
+    cmd = [sys.executable, os.path.join(REPO, "benchmarks", "dataset_loading.py"), "--root", str(root)]
+    run = subprocess.run(cmd + ["--rounds", "1", "--output", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    _check_dataset_loading_record(json.loads(out.read_text()), [1, 2])

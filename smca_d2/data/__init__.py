@@ -1,12 +1,13 @@
 """Data: drop-in replacements of detectron2's dataset function, mapper and training loader that
 validate the data and resume exactly, dataset registration, augmentations and dataset generators.
 
-One module per job: ``dataset_files`` (registered, files present), ``coco_json`` (the json's
-structure), ``annotations`` (boxes clipped or dropped), ``images`` (reading image files),
-``image_checks`` (every image opens, has its size), ``dataset_dicts`` (all of it, as
-``get_detection_dataset_dicts``), ``mapper`` (``RobustDatasetMapper``), ``resumable_loader``
-(``build_resumable_train_loader``), ``datasets`` (registration), ``transforms`` (DETR's
-augmentations), ``synthetic`` and ``deepforest`` (dataset generators).
+One module per job: ``dataset_files`` (registered, files present), ``coco_json`` (the json,
+parsed once and checked), ``annotations`` (boxes clipped or dropped), ``images`` (reading image
+files), ``image_checks`` (every image opens, has its size), ``check_cache`` (the record of a
+passed image check), ``dataset_dicts`` (all of it, as ``get_detection_dataset_dicts``),
+``mapper`` (``RobustDatasetMapper``), ``resumable_loader`` (``build_resumable_train_loader``),
+``datasets`` (registration), ``transforms`` (DETR's augmentations), ``synthetic``,
+``deepforest`` and ``coco_sized`` (dataset generators).
 """
 
 from .dataset_dicts import validated_dataset_dicts

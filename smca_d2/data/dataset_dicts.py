@@ -28,7 +28,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data import detection_utils as utils
 
 from .annotations import log_box_stats, sanitize_annotations
-from .coco_json import validate_coco_json
+from .coco_json import gc_paused, load_coco_api, use_parsed_coco
 from .dataset_files import check_dataset_files
 from .errors import DatasetValidationError
 from .image_checks import check_image_files
@@ -47,15 +47,20 @@ def validated_dataset_dicts(
     *,
     check_images: bool = True,
     verify_images: bool = False,
+    cache_image_checks: bool = True,
     num_threads: int = 8,
 ) -> List[Dict]:
     """:func:`detectron2.data.get_detection_dataset_dicts` with the checks of this package.
 
     For each dataset: the json and image folder must exist (:func:`check_dataset_files`); a COCO
-    json is checked (:func:`validate_coco_json`) before detectron2 loads it; boxes are clipped or
-    dropped (:func:`sanitize_annotations`, counts logged); with ``check_images`` every image file
-    is opened (:func:`check_image_files`; ``verify_images`` decodes them in full). Then, as in
-    detectron2, images with no (non-crowd) annotation are dropped when ``filter_empty``.
+    json is parsed once and checked (:func:`load_coco_api`), and detectron2's ``load_coco_json``
+    builds the dicts from that parse (:func:`use_parsed_coco`), so that checking costs no second
+    parse; boxes are clipped or dropped (:func:`sanitize_annotations`, counts logged); with
+    ``check_images`` every image file is opened (:func:`check_image_files`; ``verify_images``
+    decodes them in full), and a check that passed is not repeated while the json and the image
+    files stay the same (``cache_image_checks``; the record is kept under ``$SMCA_D2_DATA_CACHE``,
+    see :mod:`smca_d2.data.check_cache`). Then, as in detectron2, images with no (non-crowd)
+    annotation are dropped when ``filter_empty``.
 
     Raises:
         DatasetNotFoundError, DatasetValidationError: before any training starts.
@@ -79,8 +84,16 @@ def validated_dataset_dicts(
         meta = MetadataCatalog.get(name)
         json_file = meta.get("json_file", None)
         if json_file and str(json_file).endswith(".json"):
-            validate_coco_json(json_file, name)
-        dicts = DatasetCatalog.get(name)
+            # Parsed and checked once, and detectron2's load_coco_json builds the dicts from that
+            # parse; the cyclic garbage collector waits meanwhile (gc_paused says why: neither
+            # makes reference cycles).
+            with gc_paused():
+                coco_api = load_coco_api(json_file, name)
+                with use_parsed_coco(json_file, coco_api):
+                    del coco_api  # the context holds it until load_coco_json takes it
+                    dicts = DatasetCatalog.get(name)
+        else:
+            dicts = DatasetCatalog.get(name)
         if isinstance(dicts, torch.utils.data.Dataset):
             logger.warning(f"Dataset '{name}' is a torch Dataset, not a list of dicts: it is not validated.")
             all_dicts.append(dicts)
@@ -89,10 +102,18 @@ def validated_dataset_dicts(
             raise DatasetValidationError(f"Dataset '{name}' is empty" + (f" ({json_file})" if json_file else ""))
         classes = meta.get("thing_classes", None)
         num_boxes = sum(len(d.get("annotations", ())) for d in dicts)
-        dicts, stats = sanitize_annotations(dicts, name, len(classes) if classes is not None else None)
-        log_box_stats(name, len(dicts), num_boxes, stats)
-        if check_images:
-            check_image_files(dicts, name, verify=verify_images, num_threads=num_threads)
+        with gc_paused():  # the checks make no reference cycles
+            dicts, stats = sanitize_annotations(dicts, name, len(classes) if classes is not None else None)
+            log_box_stats(name, len(dicts), num_boxes, stats)
+            if check_images:
+                check_image_files(
+                    dicts,
+                    name,
+                    verify=verify_images,
+                    num_threads=num_threads,
+                    json_file=json_file,
+                    use_cache=cache_image_checks,
+                )
         if proposal_files is not None:
             dicts = load_proposals_into_dataset(dicts, proposal_files[i])
         all_dicts.append(dicts)

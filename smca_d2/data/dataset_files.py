@@ -17,6 +17,7 @@ _PREPARE_HINTS = {
     "synthetic": "python datasets/prepare_synthetic.py  (about 10 s, no network)",
     "deepforest": "python datasets/prepare_deepforest.py  (one 20 MB pip download)",
     "coco": "download COCO 2017 as described in datasets/README.md",
+    "coco_sized": "python datasets/prepare_coco_sized.py  (a generated dataset of COCO's size, no network)",
 }
 
 

@@ -1,9 +1,9 @@
 """Stop a multi-process job soon after one of its processes is lost.
 
 Left alone, a job whose process was killed, stopped or cut off (an OOM kill, a GPU that fell off,
-a lost machine) keeps its other processes waiting in their next collective until the backend's
-timeout (30 minutes by default; NCCL may wait forever), and a launcher whose child hangs waits
-with it. Here every process of the job watches the others through the job's rendezvous store
+a lost machine) keeps its other processes waiting in their next collective until the process
+group's ``timeout`` (detectron2's default is half an hour; NCCL may wait forever), and a launcher
+whose child hangs waits with it. Here every process of the job watches the others through the job's rendezvous store
 (a ``TCPStore`` hosted by rank 0 at ``dist_url``), over a client of its own whose operations time
 out in seconds:
 
