@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 #: Seconds a launcher gives its other children to exit by themselves after one failed, and
 #: again after SIGTERM, before it kills them.
-GRACE_PERIOD = 5.0
+GRACE_PERIOD = 2.0
 
 
 class DistributedJobError(RuntimeError):

@@ -244,7 +244,7 @@ class PeerWatchdog:
     def _watch_poll(self) -> None:
         while not self._stopped.wait(self.interval) and self._failure is None:
             started = self._poll_started
-            if started is not None and self._last_contact is not None and time.monotonic() - started > self.timeout:
+            if started is not None and time.monotonic() - started > self.timeout:
                 self._fail(self._store_silent())
 
     def stop(self) -> None:

@@ -93,7 +93,9 @@ def test_onnx_runtime_gives_the_eager_detections_at_every_size(single_scale_onnx
         assert_same_detections(session.run(None, {"image": image.numpy()}), _eager(model, image))
 
 
-@pytest.mark.parametrize("kind", ["multi_scale", "detr_baseline"])
+# The multi-scale model goes through the same exporter with more encoder levels: its run, the
+# slowest export, is in `make test-long`.
+@pytest.mark.parametrize("kind", [pytest.param("multi_scale", marks=pytest.mark.long), "detr_baseline"])
 def test_onnx_export_of_the_other_model_types(kind, tmp_path):
     if kind == "multi_scale":  # two levels (res3 and a stride-2 level on it) instead of three
         levels = ["model.backbone.out_features=[res3]", "model.in_features=[res3]"]
