@@ -335,12 +335,13 @@ class SafeCheckpointer(DetectionCheckpointer):
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {save_file}")
-        previous = self.get_checkpoint_file() if self.has_checkpoint() else None
         try:
             os.makedirs(self.save_dir, exist_ok=True)
             atomic_write(save_file, lambda f: _torch_save(data, f))
             self.tag_last_checkpoint(basename)
         except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+            # last_checkpoint is replaced atomically, so it still names the previous checkpoint
+            previous = self.get_checkpoint_file() if self.has_checkpoint() else None
             raise CheckpointWriteError(
                 f"cannot write checkpoint {save_file}: {e}. Nothing was left in its place. The last "
                 f"complete checkpoint is {previous or 'none (this was the first)'}; --resume continues "

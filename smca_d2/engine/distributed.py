@@ -122,15 +122,15 @@ def _supervise(context, job: _Job, world_size: int, num_per_machine: int) -> Non
     """Wait for this machine's processes; stop them all when one fails here or the job fails
     elsewhere."""
     watchdog = PeerWatchdog(job.address, None, world_size, job.peer_timeout).start() if job.address else None
-    interval = watchdog.interval if watchdog else None
     try:
-        _wait_for(context, job, watchdog, interval, world_size, num_per_machine)
+        _wait_for(context, job, watchdog, world_size, num_per_machine)
     finally:
         if watchdog is not None:
             watchdog.stop()
 
 
-def _wait_for(context, job: _Job, watchdog, interval, world_size: int, num_per_machine: int) -> None:
+def _wait_for(context, job: _Job, watchdog, world_size: int, num_per_machine: int) -> None:
+    interval = watchdog.interval if watchdog is not None else None
     while True:
         try:
             if context.join(timeout=interval, grace_period=GRACE_PERIOD):
@@ -138,7 +138,7 @@ def _wait_for(context, job: _Job, watchdog, interval, world_size: int, num_per_m
         except (ProcessExitedException, ProcessRaisedException) as e:
             if isinstance(e, ProcessRaisedException):
                 sys.stderr.write(f"{e}\n")  # the child's traceback
-            reason = _read_report(job.report_dir, e.error_index)  # the child's own account, also in the store
+            reason = _read_report(job, e.error_index)  # the child's own account, also in the store
             if reason is None:
                 reason = _describe(e, job, num_per_machine)
                 if watchdog is not None and world_size > num_per_machine:  # other machines to tell
@@ -179,9 +179,9 @@ def _report_path(report_dir: str, local_rank: int) -> str:
     return os.path.join(report_dir, f"local_rank_{local_rank}.txt")
 
 
-def _read_report(report_dir: str, local_rank: int) -> Optional[str]:
+def _read_report(job: _Job, local_rank: int) -> Optional[str]:
     try:
-        with open(_report_path(report_dir, local_rank)) as f:
+        with open(_report_path(job.report_dir, local_rank)) as f:
             return f.read().strip() or None
     except OSError:
         return None

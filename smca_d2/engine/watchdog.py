@@ -21,7 +21,6 @@ The heartbeat is a Python thread: a process that holds the GIL in one C call for
 ``timeout`` (parsing a huge json, say) would look lost, hence a default well above such calls.
 """
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -277,10 +276,8 @@ class PeerWatchdog:
 
 def exit_now(reason: str, code: int = 1) -> None:
     """Log ``reason`` and end this process at once: its main thread may be blocked in a
-    collective that will never return, which no exception can interrupt."""
+    collective that will never return, which no exception can interrupt. (logging's stream and
+    file handlers flush each record as it is written.)"""
     logger.error(reason)
-    for handler in logging.getLogger().handlers + logging.getLogger("detectron2").handlers:
-        with contextlib.suppress(Exception):
-            handler.flush()
     sys.stderr.flush()
     os._exit(code)
