@@ -14,11 +14,11 @@ import os
 import time
 
 from smca_d2.data.coco_sized import COCO_TRAIN2017_IMAGES, make_coco_sized_dataset
+from smca_d2.data.datasets import datasets_root
 
 
 def default_output() -> str:
-    root = os.path.expanduser(os.environ.get("DETECTRON2_DATASETS", "datasets"))
-    return os.path.join(root, "coco_sized")
+    return os.path.join(datasets_root(), "coco_sized")
 
 
 def main(argv=None) -> None:

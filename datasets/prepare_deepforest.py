@@ -16,12 +16,12 @@ import os
 import sys
 import time
 
+from smca_d2.data.datasets import datasets_root
 from smca_d2.data.deepforest import prepare_deepforest
 
 
 def default_output() -> str:
-    root = os.path.expanduser(os.environ.get("DETECTRON2_DATASETS", "datasets"))
-    return os.path.join(root, "deepforest")
+    return os.path.join(datasets_root(), "deepforest")
 
 
 def main(argv=None) -> None:

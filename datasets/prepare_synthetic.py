@@ -12,12 +12,12 @@ import json
 import os
 import time
 
+from smca_d2.data.datasets import datasets_root
 from smca_d2.data.synthetic import make_synthetic_coco
 
 
 def default_output() -> str:
-    root = os.path.expanduser(os.environ.get("DETECTRON2_DATASETS", "datasets"))
-    return os.path.join(root, "synthetic")
+    return os.path.join(datasets_root(), "synthetic")
 
 
 def main(argv=None) -> None:
