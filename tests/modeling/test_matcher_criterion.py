@@ -177,6 +177,18 @@ def test_matcher_batch_with_one_empty_image():
     assert dict(zip(p1.tolist(), t1.tolist())) == {0: 1, 2: 0}
 
 
+def test_matcher_batch_equals_one_image_at_a_time():
+    """The batch's cost matrix holds each image's costs exactly: same matches as image by image."""
+    g = torch.Generator().manual_seed(3)
+    outputs = _random_outputs(g, 4, 12, 5)
+    targets = [_random_target(g, n, 5) for n in (3, 0, 7, 1)]
+    batched = HungarianMatcher()(outputs, targets)
+    for i, target in enumerate(targets):
+        alone = HungarianMatcher()({k: v[i : i + 1] for k, v in outputs.items()}, [target])[0]
+        assert torch.equal(batched[i][0], alone[0]) and torch.equal(batched[i][1], alone[1])
+        assert len(batched[i][0]) == len(target["labels"])
+
+
 def _brute_force_minimum(cost):
     num_queries, num_targets = cost.shape
     if num_targets <= num_queries:
