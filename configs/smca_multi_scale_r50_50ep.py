@@ -5,6 +5,10 @@ from .common.optim import AdamW as optimizer
 from .common.schedule import epoch_step_schedule
 from .common.train import train
 
+# The paper's model: FFNs of 1024 in the encoder and the decoder, as in the official multi-scale
+# runs (--dim_feedforward 1024); 39.5M trainable parameters, the paper's "about 40M".
+model.transformer.decoder.dim_feedforward = 1024
+
 dataloader.train.total_batch_size = 8
 train.max_iter, lr_multiplier = epoch_step_schedule(epochs=50, batch_size=dataloader.train.total_batch_size)
 train.checkpointer.period = train.max_iter // 50  # once per epoch

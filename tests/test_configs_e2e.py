@@ -130,3 +130,18 @@ def test_lr_drops_at_four_fifths_of_max_iter_also_when_it_is_overridden(path):
             # what the hook builds, at iteration `it` (as when resuming there)
             LRMultiplier(optimizer, instantiate(cfg.lr_multiplier), max_iter, last_iter=it - 1)
             assert optimizer.param_groups[0]["lr"] == pytest.approx(expected), (overrides, it)
+
+
+COCO_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
+
+
+@pytest.mark.parametrize("path", COCO_CONFIGS, ids=[os.path.basename(p) for p in COCO_CONFIGS])
+def test_coco_configs_keep_num_queries_detections_as_the_official_evaluation(path):
+    """k = num_queries (300) of the query x class scores, as the official code evaluates; it
+    follows num_queries and stays configurable."""
+    from smca_d2.engine import load_config
+
+    cfg = load_config(path)
+    assert cfg.model.num_queries == 300 and cfg.model.test_topk == 300
+    assert load_config(path, ["model.num_queries=100"]).model.test_topk == 100
+    assert load_config(path, ["model.test_topk=100"]).model.test_topk == 100

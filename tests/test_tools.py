@@ -29,9 +29,9 @@ TRAINABLE = {
     "smca_single_scale_r50_50ep.py": 41_534_998,
     "smca_single_scale_r50_108ep.py": 41_534_998,
     "smca_single_scale_r101_50ep.py": 41_534_998 + R101_EXTRA,
-    "smca_multi_scale_r50_50ep.py": 45_305_256,
-    "smca_multi_scale_r50_108ep.py": 45_305_256,
-    "smca_multi_scale_r101_50ep.py": 45_305_256 + R101_EXTRA,
+    "smca_multi_scale_r50_50ep.py": 39_526_824,
+    "smca_multi_scale_r50_108ep.py": 39_526_824,
+    "smca_multi_scale_r101_50ep.py": 39_526_824 + R101_EXTRA,
     "detr_baseline_r50_50ep.py": 41_483_094,
 }
 

@@ -50,7 +50,7 @@ from smca_d2.model_zoo import resolve_config_file
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "smca_single_scale_r50_50ep.py")
-TOPK = 100
+TOPK = 300  # the official evaluation: top-k over query x class scores, k = num_queries
 
 
 # --------------------------------------------------------------------------- smca_d2

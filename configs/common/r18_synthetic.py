@@ -30,6 +30,7 @@ model.backbone.freeze_at = 0
 model.in_features = ["res4"]
 model.size_divisibility = 32  # few distinct batch shapes (fast on CPU); masks align with stride 16
 model.num_queries = 30
+model.test_topk = 100  # of 30 x 5 query-class scores (k = num_queries would keep 30)
 model.transformer.encoder.num_layers = 2
 model.transformer.decoder.num_layers = 3
 model.transformer.decoder.d_model = 128

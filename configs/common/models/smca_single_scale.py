@@ -52,5 +52,7 @@ model = L(SMCADETR)(
     pixel_mean=[123.675, 116.280, 103.530],
     pixel_std=[58.395, 57.120, 57.375],
     input_format="RGB",
-    test_topk=100,
+    # Detections kept per image: the top-k of all query x class scores with k = num_queries, the
+    # official evaluation protocol (pycocotools then keeps up to 100 per image *and class*).
+    test_topk="${.num_queries}",
 )
