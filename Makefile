@@ -10,10 +10,13 @@ PYTEST_ARGS ?=
 install:
 	@PYTHON=$(PYTHON) bash scripts/bootstrap.sh
 
-# Train SMCA on the generated dataset on the CPU, evaluate it and print the COCO AP table.
+# Train SMCA on the generated dataset on the CPU, evaluate it (the COCO AP table), then draw
+# what it detects, SMCA's maps and the learning curve into output/demo/ and print what to run next.
+DEMO_CONFIG := configs/demo/smca_r18_synthetic.py
 demo: install
 	$(VENV_PY) datasets/prepare_synthetic.py
-	$(VENV_PY) train_net.py --config-file configs/demo/smca_r18_synthetic.py --num-gpus 1
+	$(VENV_PY) train_net.py --config-file $(DEMO_CONFIG) --num-gpus 1
+	$(VENV_PY) tools/demo_report.py --config-file $(DEMO_CONFIG)
 
 # Lint and formatting (ruff, configured in pyproject.toml), then every test, the small
 # end-to-end runs (marked `slow`) included; not the long runs (marked `long`: the full-size

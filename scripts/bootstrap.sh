@@ -141,16 +141,21 @@ install_missing_requirements() {
 }
 
 build_base() {
-  local base="$1"
-  log "building the base environment in $base (torch, torchvision, detectron2; once per machine)"
+  local base="$1" start=$SECONDS
+  log "building the base environment in $base (torch, torchvision, detectron2; once per machine:"
+  log "  2 to 4 minutes on a fresh machine, mostly the 4 GB of torch's CUDA libraries; later runs reuse it)"
   rm -rf "$base"
   "$PYTHON" -m venv "$base"
+  log "1/3 installing $TORCH_PINS (the registry's builds, which run on the CPU too)"
   "$base/bin/python" -m pip install "${PIP_QUIET[@]}" "${PINS[@]}" \
     $TORCH_PINS 2> >(grep -v "is ignored" >&2)
+  log "2/3 installing requirements/{base,test,export}.txt ($((SECONDS - start)) s so far)"
   install_requirements "$base/bin/python"
+  log "3/3 installing detectron2 ($((SECONDS - start)) s so far)"
   install_detectron2 "$base/bin/python"
   "$base/bin/python" -c "import torch, torchvision, detectron2, pycocotools, scipy"
   touch "$base/.complete"
+  log "base environment ready in $((SECONDS - start)) s"
 }
 
 rm -rf "$VENV"
