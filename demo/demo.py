@@ -3,7 +3,7 @@
 
     python demo/demo.py --config-file configs/demo/smca_r18_synthetic.py \
         --input photos/ extra/*.jpg --output out/ \
-        --opts train.init_checkpoint=output/demo_smca_r18_synthetic/model_final.pth
+        --opts train.init_checkpoint=output/demo/model_final.pth
     python demo/demo.py --config-file CONFIG --video-input clip.mp4 --output clip_out.mp4 --opts ...
 
 For every image it writes the drawing (Detectron2's ``Visualizer``, the test dataset's class

@@ -667,7 +667,7 @@ def step_train_demo(ctx) -> dict:
     got = ctx.runner.run(prepare_cmd, timeout=ctx.remaining(STEP_LIMITS["train_demo"]))
     if got["rc"] != 0:
         return {"status": "failed", "summary": "datasets/prepare_synthetic.py failed: " + _last_line(got["tail"])}
-    # The demo config's schedule and evaluation period are set for its own 3600 iterations.
+    # The demo config's evaluation period is set for its own length: evaluate once, at the end.
     cmd = [sys.executable, "train_net.py", "--config-file", DEMO_CONFIG, "--num-gpus", "1"]
     cmd += [f"train.max_iter={iterations}", f"train.eval_period={iterations}", f"train.output_dir={out}"]
     cmd += ["train.device=cpu" if dry else "train.device=cuda"]

@@ -3,7 +3,7 @@
 
     python tools/visualize_gaussian_maps.py --config-file configs/demo/smca_r18_synthetic.py \
         --input photo.jpg more/ --output gaussian_maps/ --topk 5 \
-        --opts train.init_checkpoint=output/demo_smca_r18_synthetic/model_final.pth
+        --opts train.init_checkpoint=output/demo/model_final.pth
 
 For each image, ``OUTPUT/<image name>/queryNNN.png`` holds one figure per query: per feature
 level, the head-averaged Gaussian ``exp(log G)`` of the decoder layer (``--layer``, default the

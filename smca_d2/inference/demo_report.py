@@ -185,8 +185,10 @@ def read_metrics(path: str) -> Dict[str, List[Tuple[int, float]]]:
     """The training loss and the evaluated box AP of a detectron2 ``metrics.json``.
 
     Returns:
-        ``{"loss": [(iteration, total_loss), ...], "ap": [(iteration, bbox/AP), ...]}``; a
-        resumed run's repeated iterations keep their last value.
+        ``{"loss": [(iteration, total_loss), ...], "ap": [(iterations trained, bbox/AP), ...]}``;
+        a resumed run's repeated iterations keep their last value. detectron2 records a periodic
+        evaluation at the index of the iteration it follows and the one after training at
+        ``max_iter``: both become the number of iterations trained.
     """
     loss: Dict[int, float] = {}
     ap: Dict[int, float] = {}
@@ -206,7 +208,9 @@ def read_metrics(path: str) -> Dict[str, List[Tuple[int, float]]]:
                 loss[int(iteration)] = float(record["total_loss"])
             if "bbox/AP" in record:
                 ap[int(iteration)] = float(record["bbox/AP"])
-    return {"loss": sorted(loss.items()), "ap": sorted(ap.items())}
+    last = max(loss, default=-1)
+    trained = {(i if i > last else i + 1): v for i, v in ap.items()}
+    return {"loss": sorted(loss.items()), "ap": sorted(trained.items())}
 
 
 def save_learning_curve(metrics_path: str, output_path: str, *, title: Optional[str] = None, dpi: int = 100) -> str:
@@ -229,12 +233,12 @@ def save_learning_curve(metrics_path: str, output_path: str, *, title: Optional[
     if metrics["ap"]:
         right = ax.twinx()
         ap_iterations, aps = zip(*metrics["ap"])
-        right.plot([i + 1 for i in ap_iterations], aps, color="tab:red", marker="o", linewidth=1.2)
+        right.plot(ap_iterations, aps, color="tab:red", marker="o", linewidth=1.2)
         right.set_ylabel("box AP, validation", color="tab:red")
         right.set_ylim(0, 100)
         right.annotate(
             f"{aps[-1]:.1f}",
-            (ap_iterations[-1] + 1, aps[-1]),
+            (ap_iterations[-1], aps[-1]),
             textcoords="offset points",
             xytext=(-10, 6),
             fontsize=8,

@@ -29,9 +29,10 @@ def test_read_metrics_keeps_loss_and_ap_and_the_last_value_of_a_repeated_iterati
             {"iteration": 1, "bbox/AP": 3.5, "bbox/AP50": 9.0},
             {"iteration": 1, "total_loss": 7.5},  # resumed from a checkpoint at iteration 1
             {"iteration": 2, "total_loss": 7.0},
+            {"iteration": 3, "bbox/AP": 4.5},  # after training (max_iter 3)
         ],
     )
-    assert read_metrics(path) == {"loss": [(0, 9.0), (1, 7.5), (2, 7.0)], "ap": [(1, 3.5)]}
+    assert read_metrics(path) == {"loss": [(0, 9.0), (1, 7.5), (2, 7.0)], "ap": [(2, 3.5), (3, 4.5)]}
     out = save_learning_curve(path, str(tmp_path / "curve.png"))
     assert Image.open(out).size[0] > 300
 
@@ -74,8 +75,8 @@ def test_demo_report_after_a_short_demo_run(tmp_path):
         assert str(path) in report.stdout
         assert min(Image.open(path).size) > 200
     assert "Next:" in report.stdout and f"train.init_checkpoint={out}/model_final.pth" in report.stdout
-    # Evaluated at iterations 2 and 4 (the end): two AP points on the curve.
-    assert [it for it, _ in read_metrics(str(out / "metrics.json"))["ap"]] == [1, 3]
+    # Evaluated after 2 and 4 (the end) iterations: two AP points on the curve.
+    assert [it for it, _ in read_metrics(str(out / "metrics.json"))["ap"]] == [2, 4]
 
 
 def test_demo_report_without_a_run_says_what_to_do(tmp_path):
