@@ -18,7 +18,7 @@ are imported from there at run time (nothing of it is copied). The script
 3. loads the result into the model of ``--config`` and runs both models in eval mode on the same
    image (a deterministic synthetic 3x480x640 image, or ``--image``) and on a batch of two images
    of different sizes (padded by both), comparing the raw outputs of every decoder layer
-   (``pred_logits``, ``pred_boxes``) and the top-100 detections (scores, labels, boxes in pixels).
+   (``pred_logits``, ``pred_boxes``) and the top-300 detections (scores, labels, boxes in pixels).
 
 Differences are printed with PASS/FAIL at ``--tol`` (1e-4) and written to ``--output`` (JSON):
 logits, normalized boxes and scores are held to ``tol``, detection boxes in pixels to
