@@ -119,27 +119,27 @@ class HungarianMatcher(nn.Module):
                 f"HungarianMatcher got {logits.shape[0]} images of predictions but {len(targets)} target dicts."
             )
 
+        empty = torch.empty(0, dtype=torch.int64)
+        sizes = [len(t["labels"]) for t in targets]
+        if not sum(sizes):
+            return [(empty, empty) for _ in targets]
         # The costs of every query against every target of the batch in one matrix (a few large
         # operations instead of many small ones per image; the entries are the same), copied to
         # the host once; each image keeps the block of its own targets.
-        sizes = [len(t["labels"]) for t in targets]
-        batch_cost = None
-        if sum(sizes):
-            batch_cost = self._cost_matrix(
-                logits.flatten(0, 1),
-                boxes.flatten(0, 1),
-                torch.cat([t["labels"] for t in targets]),
-                torch.cat([t["boxes"] for t in targets]),
-            )
-            batch_cost = batch_cost.view(logits.shape[0], logits.shape[1], -1).cpu()
+        batch_cost = self._cost_matrix(
+            logits.flatten(0, 1),
+            boxes.flatten(0, 1),
+            torch.cat([t["labels"] for t in targets]),
+            torch.cat([t["boxes"] for t in targets]),
+        )
+        blocks = batch_cost.view(logits.shape[0], logits.shape[1], -1).cpu().split(sizes, -1)
 
-        empty = torch.empty(0, dtype=torch.int64)
         indices = []
-        for i, cost in enumerate(batch_cost.split(sizes, -1) if batch_cost is not None else [None] * len(targets)):
-            if sizes[i] == 0:
+        for i, (size, block) in enumerate(zip(sizes, blocks)):
+            if size == 0:
                 indices.append((empty, empty))
                 continue
-            cost = cost[i]
+            cost = block[i]
             if not torch.isfinite(cost).all():
                 raise ValueError(self._describe_non_finite(i, logits[i], boxes[i], targets[i]))
             rows, cols = linear_sum_assignment(cost.numpy())
