@@ -50,7 +50,7 @@ def main(argv=None) -> int:
         if not os.path.isfile(path):
             sys.exit(f"demo_report.py: no {what} at {path}: train first (make demo, or train_net.py with this config)")
 
-    predictor = LazyPredictor(cfg, weights, device="cpu", overrides=None)
+    predictor = LazyPredictor(cfg, weights, device="cpu", input_format="RGB")
     names = cfg.dataloader.test.dataset.names
     records = DatasetCatalog.get(names if isinstance(names, str) else names[0])
     written = [

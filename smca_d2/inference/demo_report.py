@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .demo import filter_instances
-from .gaussian_maps import compute_smca_maps
+from .gaussian_maps import _draw_panel, compute_smca_maps
 
 __all__ = [
     "read_metrics",
@@ -75,6 +75,11 @@ def _read_rgb(path: str) -> np.ndarray:
     return np.ascontiguousarray(read_image(path, format="RGB"))
 
 
+def _as_input(predictor, image_rgb: np.ndarray) -> np.ndarray:
+    """``image_rgb`` in the channel order the predictor was built to take."""
+    return image_rgb if predictor.input_format == "RGB" else image_rgb[:, :, ::-1]
+
+
 def _xyxy(annotation: Dict) -> Tuple[float, float, float, float]:
     from detectron2.structures import BoxMode
 
@@ -113,7 +118,8 @@ def save_detection_grid(
         ax.axis("off")
     for ax, record in zip(axes.flat, dataset_dicts):
         image = _read_rgb(record["file_name"])
-        instances = filter_instances(predictor(image[:, :, ::-1])["instances"], confidence_threshold).to("cpu")
+        instances = filter_instances(predictor(_as_input(predictor, image))["instances"], confidence_threshold)
+        instances = instances.to("cpu")
         _show(ax, image, os.path.basename(record["file_name"]))
         for annotation in record.get("annotations", []):
             _box(ax, _xyxy(annotation), "white", dashed=True, width=1.0)
@@ -152,7 +158,7 @@ def save_maps_grid(
     rows: List[Tuple] = []
     for path in image_paths:
         image = _read_rgb(path)
-        maps = compute_smca_maps(predictor, image[:, :, ::-1], topk=per_image)
+        maps = compute_smca_maps(predictor, _as_input(predictor, image), topk=per_image)
         gaussian = maps.gaussian_image(0)
         attention = maps.attention_image(0)
         for i in range(len(maps.queries)):
@@ -167,15 +173,12 @@ def save_maps_grid(
         centre = maps.centers[i]
         _show(row[0], maps.image_rgb, f"query {int(maps.queries[i])}: {name} {maps.scores[i]:.2f}")
         _box(row[0], maps.boxes[i], "lime")
+        row[0].scatter([centre[0]], [centre[1]], s=60, marker="x", c="red")
         for ax, heat, title in ((row[1], gaussian, "Gaussian exp(log G)"), (row[2], attention, "co-attention")):
-            _show(ax, maps.image_rgb, title)
             if heat is None:
-                ax.set_title(title + ": none (unmodulated)", fontsize=8)
-                continue
-            ax.imshow(heat, cmap="jet", alpha=0.55, vmin=0.0, vmax=max(float(heat.max()), 1e-12))
-            _box(ax, maps.boxes[i], "lime", width=1.0)
-        for ax in row:
-            ax.scatter([centre[0]], [centre[1]], s=40, marker="x", c="red")
+                _show(ax, maps.image_rgb, title + ": none (unmodulated)")
+            else:  # drawn as tools/visualize_gaussian_maps.py draws a panel
+                _draw_panel(ax, maps.image_rgb, heat, maps.boxes[i], centre, None, title)
     fig.suptitle("SMCA, last decoder layer: the Gaussian prior and the attention it shapes", fontsize=10)
     fig.tight_layout()
     return _save(fig, output_path, dpi)

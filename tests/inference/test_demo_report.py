@@ -84,3 +84,26 @@ def test_demo_report_without_a_run_says_what_to_do(tmp_path):
     assert report.returncode == 1
     assert "no checkpoint at" in report.stderr and "train first" in report.stderr
     assert not (tmp_path / "nothing").exists()
+
+
+def test_pictures_do_not_depend_on_the_predictors_channel_order(tmp_path):
+    import cv2
+    import numpy as np
+
+    from smca_d2.inference import LazyPredictor
+    from smca_d2.inference.demo_report import save_detection_grid, save_maps_grid
+    from tests.tiny_smca import random_image, tiny_config, write_checkpoint
+
+    cfg = tiny_config()
+    checkpoint, _ = write_checkpoint(cfg, str(tmp_path / "tiny.pth"))
+    image = str(tmp_path / "image.png")
+    cv2.imwrite(image, random_image(64, 80))  # BGR on disk, as OpenCV writes it
+    records = [{"file_name": image, "annotations": []}]
+    drawn = {}
+    for order in ("BGR", "RGB"):
+        predictor = LazyPredictor(cfg, checkpoint, device="cpu", input_format=order)
+        grid = save_detection_grid(predictor, records, str(tmp_path / f"grid_{order}.png"), confidence_threshold=0.0)
+        maps = save_maps_grid(predictor, [image], str(tmp_path / f"maps_{order}.png"), per_image=1)
+        drawn[order] = [np.asarray(Image.open(p)) for p in (grid, maps)]
+    for bgr, rgb in zip(drawn["BGR"], drawn["RGB"]):
+        assert np.array_equal(bgr, rgb)
