@@ -141,7 +141,8 @@ class SpatiallyModulatedCoAttention(nn.Module):
                 padded keys), with ``sum(S_l) == S``; None for a level with neither (no
                 modulation, no padding).
             level_sizes: S_l of each level.
-            level_weights: [B, Q, L] softmax weights over levels; needed when L > 1.
+            level_weights: [B, Q, L] softmax weights over levels, or None for equal weights
+                (the mean of the levels' outputs) when L > 1.
 
         Returns:
             [B, Q, C]
@@ -161,6 +162,9 @@ class SpatiallyModulatedCoAttention(nn.Module):
                 ks, vs = k.split(level_sizes, dim=2), v.split(level_sizes, dim=2)
                 for level, (k_l, v_l, bias) in enumerate(zip(ks, vs, biases)):
                     out_l = self.attend(q, k_l, v_l, bias, dropout_p)
-                    out = out + out_l * level_weights[:, None, :, level, None].float()
+                    if level_weights is None:
+                        out = out + out_l / len(level_sizes)
+                    else:
+                        out = out + out_l * level_weights[:, None, :, level, None].float()
         out = out.transpose(1, 2).flatten(2).to(query.dtype)
         return self.out_proj(out)

@@ -1,6 +1,6 @@
 """SMCA's decoder: DETR decoder layers whose cross-attention is spatially modulated."""
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -48,9 +48,14 @@ class DecoderLayer(nn.Module):
 
     Args:
         predict_center: this layer predicts the queries' shared center (the first layer).
-        num_levels: feature levels attended to; > 1 adds the scale-selection weights.
+        num_levels: feature levels attended to.
         scale_type: "fixed", "single" or "independent" (x/y) Gaussian scales per head.
         modulate: False turns the spatial prior off (a plain DETR-style co-attention).
+        head_shared: one offset and one set of scales for all heads, i.e. one Gaussian map per
+            query and level shared by the heads (the paper's "head-shared" ablation), instead
+            of one per head.
+        scale_selection: with several levels, weigh the levels' attention outputs per query
+            (SMCA's scale-selection attention); False averages them with equal weights.
     """
 
     def __init__(
@@ -64,11 +69,15 @@ class DecoderLayer(nn.Module):
         num_levels=1,
         scale_type="independent",
         modulate=True,
+        head_shared=False,
+        scale_selection=True,
     ):
         super().__init__()
         self.nhead = nhead
         self.num_levels = num_levels
         self.modulate = modulate
+        self.head_shared = head_shared
+        maps = 1 if head_shared else nhead  # Gaussian maps per query and level
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=dropout, batch_first=True)
         self.cross_attn = SpatiallyModulatedCoAttention(d_model, nhead, dropout=dropout)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
@@ -83,12 +92,12 @@ class DecoderLayer(nn.Module):
 
         self.num_scales = scale_channels(scale_type)
         self.center_head = MLP(d_model, d_model, 2, 3) if predict_center else None
-        self.offset_head = nn.Linear(d_model, num_levels * nhead * 2) if modulate else None
+        self.offset_head = nn.Linear(d_model, num_levels * maps * 2) if modulate else None
         self.scale_head = (
-            nn.Linear(d_model, num_levels * nhead * self.num_scales) if modulate and self.num_scales else None
+            nn.Linear(d_model, num_levels * maps * self.num_scales) if modulate and self.num_scales else None
         )
-        self.scale_selection = nn.Linear(d_model, num_levels) if num_levels > 1 else None
-        uses_modulation_norm = predict_center or modulate or num_levels > 1
+        self.scale_selection = nn.Linear(d_model, num_levels) if num_levels > 1 and scale_selection else None
+        uses_modulation_norm = predict_center or modulate or self.scale_selection is not None
         self.modulation_norm = nn.LayerNorm(d_model) if uses_modulation_norm else None
 
     def reset_scale_parameters(self):
@@ -97,16 +106,18 @@ class DecoderLayer(nn.Module):
             nn.init.zeros_(self.scale_head.weight)
             nn.init.ones_(self.scale_head.bias)
 
-    def _attention_biases(self, out, ref, key_padding_masks, level_shapes, level_strides, image_wh, beta):
+    def _attention_biases(self, out, ref, key_padding_masks, level_shapes, level_strides, image_wh, betas):
         if not self.modulate:
             return [padding_bias(m, ref.shape[1]) for m in key_padding_masks]
         b, q = out.shape[:2]
-        offsets = self.offset_head(out).view(b, q, self.num_levels, self.nhead, 2)
+        maps = 1 if self.head_shared else self.nhead  # a bias of 1 "head" is broadcast to all
+        offsets = self.offset_head(out).view(b, q, self.num_levels, maps, 2)
         scales = None
         if self.scale_head is not None:
-            scales = self.scale_head(out).square().view(b, q, self.num_levels, self.nhead, self.num_scales)
+            scales = self.scale_head(out).square().view(b, q, self.num_levels, maps, self.num_scales)
         biases = []
-        for level, (shape, stride, mask) in enumerate(zip(level_shapes, level_strides, key_padding_masks)):
+        levels = zip(level_shapes, level_strides, key_padding_masks, betas)
+        for level, (shape, stride, mask, beta) in enumerate(levels):
             # Shared center, in this level's feature cells, plus each head's offset.
             center = (ref * image_wh[:, None, :] / stride)[:, :, None, :] + offsets[:, :, level]
             level_scales = None if scales is None else scales[:, :, level].transpose(1, 2)
@@ -123,7 +134,7 @@ class DecoderLayer(nn.Module):
         level_shapes: Sequence[Tuple[int, int]],
         level_strides: Sequence[int],
         image_wh,
-        beta: float,
+        betas: Sequence[float],
         ref: Optional[torch.Tensor] = None,
     ):
         """
@@ -133,7 +144,7 @@ class DecoderLayer(nn.Module):
             key_padding_masks: per level, bool [B, H_l * W_l] (True on padded cells) or None.
             level_shapes, level_strides: per level (H_l, W_l) and stride in pixels.
             image_wh: float [B, 2], unpadded (width, height) of each image.
-            beta: Gaussian bandwidth.
+            betas: per level, the Gaussian bandwidth.
             ref: [B, Q, 2] normalized centers from the first layer (None in the first layer).
 
         Returns:
@@ -151,7 +162,7 @@ class DecoderLayer(nn.Module):
             with torch.autocast(device_type=out.device.type, enabled=False):
                 ref_logit = self.center_head(out.float())
             ref = ref_logit.sigmoid()
-        biases = self._attention_biases(out, ref, key_padding_masks, level_shapes, level_strides, image_wh, beta)
+        biases = self._attention_biases(out, ref, key_padding_masks, level_shapes, level_strides, image_wh, betas)
         level_weights = self.scale_selection(out).softmax(-1) if self.scale_selection is not None else None
         tgt2 = self.cross_attn(
             tgt + query_pos,
@@ -175,8 +186,10 @@ class SMCADecoder(nn.Module):
     later layers reuse it: there is no refinement across layers, as in the paper.
 
     Args:
-        beta: Gaussian bandwidth, ``log G = -D / beta`` (8 in the paper).
+        beta: Gaussian bandwidth, ``log G = -D / beta`` (8 in the paper): one value for every
+            level, or one per level (finest first).
         modulate: False gives the DETR-style baseline (same model, no Gaussian prior).
+        head_shared, scale_selection: see :class:`DecoderLayer`.
     """
 
     def __init__(
@@ -189,13 +202,16 @@ class SMCADecoder(nn.Module):
         dropout=0.1,
         num_levels=1,
         scale_type="independent",
-        beta=8.0,
+        beta: Union[float, Sequence[float]] = 8.0,
         modulate=True,
+        head_shared=False,
+        scale_selection=True,
     ):
         super().__init__()
-        if beta <= 0:
-            raise ValueError(f"beta must be positive, got {beta}")
-        self.beta = float(beta)
+        betas = [beta] * num_levels if isinstance(beta, (int, float)) else list(beta)
+        if len(betas) != num_levels or not all(isinstance(b, (int, float)) and b > 0 for b in betas):
+            raise ValueError(f"beta must be a positive number or {num_levels} positive numbers (one per level), got {beta}")
+        self.betas = [float(b) for b in betas]
         self.num_levels = num_levels
         self.layers = nn.ModuleList(
             DecoderLayer(
@@ -207,6 +223,8 @@ class SMCADecoder(nn.Module):
                 num_levels=num_levels,
                 scale_type=scale_type,
                 modulate=modulate,
+                head_shared=head_shared,
+                scale_selection=scale_selection,
             )
             for i in range(num_layers)
         )
@@ -251,7 +269,7 @@ class SMCADecoder(nn.Module):
                 level_shapes,
                 level_strides,
                 image_wh,
-                self.beta,
+                self.betas,
                 ref,
             )
             if layer_ref_logit is not None:

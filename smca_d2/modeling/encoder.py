@@ -75,12 +75,20 @@ class SingleScaleEncoder(nn.Module):
 class MultiScaleEncoder(nn.Module):
     """SMCA's multi-scale encoder: a sequence of intra-scale and multi-scale self-attention blocks.
 
-    An ``"intra"`` block lets each level's tokens attend only to tokens of the same level (one
-    layer, shared by the levels, applied per level: cheap). A ``"multi"`` block lets all levels'
-    tokens attend jointly. The paper's order is intra, intra, multi, intra, intra.
+    An ``"intra"`` block lets each level's tokens attend only to tokens of the same level. A
+    ``"multi"`` block lets all levels' tokens attend jointly. The paper's order is intra, intra,
+    multi, intra, intra.
+
+    Args:
+        intra_attention: "shared" (default): an intra block is one layer applied to each level
+            in turn, so its weights are shared by the levels; "per_level": one layer per level
+            (``num_levels`` of them in each intra block). The paper does not say which; its
+            model size (about 40M parameters for R50) is that of shared weights.
+        num_levels: levels of the input; needed for "per_level".
     """
 
     BLOCK_TYPES = ("intra", "multi")
+    INTRA_ATTENTION = ("shared", "per_level")
 
     def __init__(
         self,
@@ -90,24 +98,42 @@ class MultiScaleEncoder(nn.Module):
         nhead=8,
         dim_feedforward=2048,
         dropout=0.1,
+        intra_attention="shared",
+        num_levels=None,
     ):
         super().__init__()
         unknown = [t for t in block_types if t not in self.BLOCK_TYPES]
         if unknown or not block_types:
             raise ValueError(f"block_types must be a non-empty list of {self.BLOCK_TYPES}, got {list(block_types)}")
+        if intra_attention not in self.INTRA_ATTENTION:
+            raise ValueError(f"intra_attention must be one of {self.INTRA_ATTENTION}, got {intra_attention!r}")
+        if intra_attention == "per_level" and not (isinstance(num_levels, int) and num_levels >= 1):
+            raise ValueError(f"intra_attention='per_level' needs num_levels >= 1, got {num_levels!r}")
         self.block_types = list(block_types)
-        self.layers = _clones(EncoderLayer(d_model, nhead, dim_feedforward, dropout), len(block_types))
+        self.intra_attention = intra_attention
+        self.num_levels = num_levels
+        layer = EncoderLayer(d_model, nhead, dim_feedforward, dropout)
+        per_level = intra_attention == "per_level"
+        self.layers = nn.ModuleList(
+            _clones(layer, num_levels) if per_level and t == "intra" else copy.deepcopy(layer) for t in block_types
+        )
 
     def forward(self, src, pos, key_padding_mask, level_sizes: Sequence[int]):
         """Same arguments as :meth:`SingleScaleEncoder.forward`, with any number of levels."""
         level_sizes = list(level_sizes)
+        if self.intra_attention == "per_level" and len(level_sizes) != self.num_levels:
+            raise ValueError(f"encoder built for {self.num_levels} levels, got {len(level_sizes)}")
         for block_type, layer in zip(self.block_types, self.layers):
-            if block_type == "multi" or len(level_sizes) == 1:
+            if block_type == "multi":
                 src = layer(src, pos, key_padding_mask)
                 continue
+            # One layer per level, or the shared layer repeated.
+            level_layers = layer if isinstance(layer, nn.ModuleList) else [layer] * len(level_sizes)
+            if len(level_sizes) == 1:
+                src = level_layers[0](src, pos, key_padding_mask)
+                continue
             masks = split_padding_mask(key_padding_mask, level_sizes)
-            outputs: List[torch.Tensor] = [
-                layer(s, p, m) for s, p, m in zip(src.split(level_sizes, 1), pos.split(level_sizes, 1), masks)
-            ]
+            pieces = zip(level_layers, src.split(level_sizes, 1), pos.split(level_sizes, 1), masks)
+            outputs: List[torch.Tensor] = [level_layer(s, p, m) for level_layer, s, p, m in pieces]
             src = torch.cat(outputs, dim=1)
         return src

@@ -60,6 +60,7 @@ class SMCADETR(nn.Module):
         input_format: str = "RGB",
         size_divisibility: int = 0,
         test_topk: int = 100,
+        aux_loss: bool = True,
     ):
         """
         Args:
@@ -75,6 +76,8 @@ class SMCADETR(nn.Module):
             input_format: "RGB" or "BGR", the channel order of the input images.
             size_divisibility: pad the batch to a multiple of this (0: no extra padding).
             test_topk: detections kept per image: top-k over all query x class scores.
+            aux_loss: supervise every decoder layer's output (DETR's auxiliary losses); False
+                heads and supervises only the last layer's (the official ``--no_aux_loss``).
         """
         super().__init__()
         self.backbone = backbone
@@ -86,6 +89,7 @@ class SMCADETR(nn.Module):
         self.input_format = input_format
         self.size_divisibility = size_divisibility
         self.test_topk = test_topk
+        self.aux_loss = aux_loss
         d_model = transformer.d_model
 
         shapes = backbone.output_shape()
@@ -169,7 +173,8 @@ class SMCADETR(nn.Module):
     def forward_outputs(self, images: ImageList) -> Dict[str, torch.Tensor]:
         """Raw outputs: ``pred_logits`` [B, Q, C], ``pred_boxes`` [B, Q, 4] (normalized cxcywh
         relative to each image's unpadded size), ``aux_outputs`` (earlier decoder layers) and
-        ``ref_points`` [B, Q, 2] (the queries' normalized Gaussian centers)."""
+        ``ref_points`` [B, Q, 2] (the queries' normalized Gaussian centers). Without ``aux_loss``
+        the earlier layers get no heads and ``aux_outputs`` is empty."""
         levels = self._levels(images)
         src = torch.cat([f.flatten(2).transpose(1, 2) for f, _, _ in levels], dim=1)
         pos = torch.cat([p.flatten(2).transpose(1, 2) for _, _, p in levels], dim=1)
@@ -179,6 +184,8 @@ class SMCADETR(nn.Module):
         shapes = [tuple(f.shape[-2:]) for f, _, _ in levels]
         image_wh = torch.tensor([[w, h] for h, w in images.image_sizes], dtype=torch.float32, device=src.device)
         hs, ref_logit = self.transformer(src, pos, mask, self.query_embed.weight, shapes, self.level_strides, image_wh)
+        if not self.aux_loss:
+            hs = hs[-1:]
         # The heads run in float32 under autocast too: in bfloat16 the box head's output, the
         # reference logit it is added to and the sigmoid would round the boxes to a few pixels
         # of a full-size image, before the loss and in the detections.
