@@ -101,6 +101,23 @@ def test_summary_compares_with_the_baseline(convergence):
     assert s["slow"]["iters_to_baseline_final_AP"] is None
     assert s["slow"]["final_AP_ratio_to_baseline"] == pytest.approx(0.6)
     assert "iters_to_baseline_final_AP" not in s["detr_baseline"]
+    # The other way round: the baseline's iterations to each model's final AP.
+    assert s["slow"]["baseline_iters_to_final_AP"] == 300 and s["slow"]["baseline_iters_ratio"] == 0.75
+    assert s["smca"]["baseline_iters_to_final_AP"] is None and s["smca"]["baseline_iters_ratio"] is None
+    assert s["smca"]["baseline_AP_at_same_iters"] == 5.0
+
+
+def test_summary_of_a_longer_baseline(convergence):
+    """The baseline trained 10x longer (its own evaluation iterations): the iterations it needs
+    to reach the model's AP, as a multiple of the model's."""
+    runs = [
+        _run("detr_baseline", 0, [1.0, 4.0, 9.0, 12.0], iters=(500, 1000, 1500, 2000)),
+        _run("smca", 0, [2.0, 6.0, 9.0, 10.0], iters=(50, 100, 150, 200)),
+    ]
+    s = convergence.summarize(runs)["d"]["smca"]
+    assert s["baseline_iters_to_final_AP"] == 2000 and s["baseline_iters_ratio"] == 10.0
+    assert s["iters_to_baseline_final_AP"] is None  # 12.0 is never reached
+    assert s["baseline_AP_at_same_iters"] is None  # the baseline is not evaluated at 200
 
 
 def test_convergence_argument_errors(convergence, tmp_path):
@@ -156,9 +173,11 @@ def test_convergence_driver_smoke(convergence, tmp_path, monkeypatch, capsys):
 
     def fake_train_net(cmd, cwd, stdout, stderr):
         commands.append(cmd)
-        out_dir = next(a.split("=", 1)[1] for a in cmd if a.startswith("train.output_dir="))
+        value = lambda key: [a.split("=", 1)[1] for a in cmd if a.startswith(key + "=")][-1]  # the last wins
+        max_iter, period = int(value("train.max_iter")), int(value("train.eval_period"))
         ap = 2.0 if "smca_single_scale" in cmd[cmd.index("--config-file") + 1] else 1.0
-        _write_metrics(os.path.join(out_dir, "metrics.json"), [(2, ap), (4, 2 * ap)], last_iter=3, max_iter=4)
+        evals = [(it, ap * it / 2) for it in range(period, max_iter + 1, period)]
+        _write_metrics(os.path.join(value("train.output_dir"), "metrics.json"), evals, max_iter - 1, max_iter)
         return subprocess.CompletedProcess(cmd, 0)
 
     monkeypatch.setattr(convergence, "subprocess", types.SimpleNamespace(run=fake_train_net, STDOUT=subprocess.STDOUT))
@@ -178,11 +197,21 @@ def test_convergence_driver_smoke(convergence, tmp_path, monkeypatch, capsys):
     report = convergence.main(argv)
     printed = capsys.readouterr().out
     assert prepared == ["synthetic", "synthetic"] and len(commands) == 2
+    smca_cmd, baseline_cmd = commands
     for cmd in commands:
-        assert cmd[1].endswith("train_net.py") and "train.seed=0" in cmd and cmd[-2:] == argv[-2:]
-    assert {(r["model"], r["seed"]) for r in report["runs"]} == {("smca_single_scale", 0), ("detr_baseline", 0)}
-    assert all([e["iter"] for e in r["evaluations"]] == [2, 4] for r in report["runs"])
-    assert report["summary"]["synthetic"]["smca_single_scale"]["final_AP_ratio_to_baseline"] == 2.0
+        assert cmd[1].endswith("train_net.py") and "train.seed=0" in cmd
+    # The baseline trains 10x the iterations (--baseline-factor), evaluated every 5x the period.
+    assert smca_cmd[-2:] == argv[-2:]
+    assert baseline_cmd[-4:] == argv[-2:] + ["train.max_iter=40", "train.eval_period=10"]
+    runs = {r["model"]: r for r in report["runs"]}
+    assert set(runs) == {"smca_single_scale", "detr_baseline"}
+    assert [e["iter"] for e in runs["smca_single_scale"]["evaluations"]] == [2, 4]
+    assert [e["iter"] for e in runs["detr_baseline"]["evaluations"]] == [10, 20, 30, 40]
+    assert runs["detr_baseline"]["max_iter"] == 40 and runs["detr_baseline"]["overrides"] == baseline_cmd[-4:]
+    smca = report["summary"]["synthetic"]["smca_single_scale"]
+    # SMCA: AP 4 at 4 iterations; the baseline (AP = it / 2) reaches 4 at 10 iterations.
+    assert smca["final_AP_ratio_to_baseline"] == 0.2
+    assert smca["baseline_iters_to_final_AP"] == 10 and smca["baseline_iters_ratio"] == 2.5
     assert json.loads((out / "convergence.json").read_text())["runs"] == report["runs"]
     assert (out / "convergence.png").stat().st_size > 1000
     assert "| synthetic | smca_single_scale |" in printed
@@ -209,6 +238,8 @@ def test_convergence_end_to_end(tmp_path):
         "--models",
         "smca_single_scale",
         "detr_baseline",
+        "--baseline-factor",
+        "2",
         "--output",
         str(out),
         "train.max_iter=4",
@@ -224,9 +255,10 @@ def test_convergence_end_to_end(tmp_path):
     report = json.loads((out / "convergence.json").read_text())
     assert {(r["model"], r["seed"]) for r in report["runs"]} == {("smca_single_scale", 0), ("detr_baseline", 0)}
     for r in report["runs"]:
-        assert [e["iter"] for e in r["evaluations"]] == [2, 4]
+        expected = [2, 4, 6, 8] if r["model"] == "detr_baseline" else [2, 4]  # twice the iterations
+        assert [e["iter"] for e in r["evaluations"]] == expected
         assert all(0 <= e["AP"] <= 100 for e in r["evaluations"])
-    assert "final_AP_ratio_to_baseline" in report["summary"]["synthetic"]["smca_single_scale"]
+    assert "baseline_iters_to_final_AP" in report["summary"]["synthetic"]["smca_single_scale"]
     assert (out / "convergence.png").stat().st_size > 1000
     assert "| synthetic | smca_single_scale |" in run.stdout
 

@@ -19,6 +19,7 @@ CONFIGS = sorted(
     glob.glob(os.path.join(REPO, "configs", "*.py"))
     + glob.glob(os.path.join(REPO, "configs", "demo", "*.py"))
     + glob.glob(os.path.join(REPO, "configs", "convergence", "*.py"))
+    + glob.glob(os.path.join(REPO, "configs", "ablations", "*.py"))
 )
 IDS = [os.path.relpath(p, os.path.join(REPO, "configs")) for p in CONFIGS]
 # One config per data pipeline: COCO with DETR's augmentation (single-scale) and the generated
@@ -138,10 +139,15 @@ COCO_CONFIGS = sorted(glob.glob(os.path.join(REPO, "configs", "*.py")))
 @pytest.mark.parametrize("path", COCO_CONFIGS, ids=[os.path.basename(p) for p in COCO_CONFIGS])
 def test_coco_configs_keep_num_queries_detections_as_the_official_evaluation(path):
     """k = num_queries (300) of the query x class scores, as the official code evaluates; it
-    follows num_queries and stays configurable."""
+    follows num_queries and stays configurable. The official multi-scale code (the
+    smca_conv_multi_scale configs) keeps 500."""
     from smca_d2.engine import load_config
 
     cfg = load_config(path)
-    assert cfg.model.num_queries == 300 and cfg.model.test_topk == 300
-    assert load_config(path, ["model.num_queries=100"]).model.test_topk == 100
+    assert cfg.model.num_queries == 300
+    if os.path.basename(path).startswith("smca_conv_multi_scale_"):
+        assert cfg.model.test_topk == 500
+    else:
+        assert cfg.model.test_topk == 300
+        assert load_config(path, ["model.num_queries=100"]).model.test_topk == 100
     assert load_config(path, ["model.test_topk=100"]).model.test_topk == 100

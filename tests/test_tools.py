@@ -32,6 +32,9 @@ TRAINABLE = {
     "smca_multi_scale_r50_50ep.py": 39_526_824,
     "smca_multi_scale_r50_108ep.py": 39_526_824,
     "smca_multi_scale_r101_50ep.py": 39_526_824 + R101_EXTRA,
+    # The official code's 40,763,514 and 60,010,618 (its training logs) less 12 class rows of 257.
+    "smca_conv_multi_scale_r50_50ep.py": 40_760_430,
+    "smca_conv_multi_scale_r101_50ep.py": 40_760_430 + R101_EXTRA + 6 * 4 * (256 * 49 + 256),  # 4 more exchange convs per layer
     "detr_baseline_r50_50ep.py": 41_483_094,
 }
 

@@ -1,7 +1,8 @@
 """Checkpoint conversion: official SMCA-DETR (gaopengcuhk/SMCA-DETR) weights for smca_d2.
 
 ``convert_official_state_dict`` maps the official single-scale model's state dict (torchvision
-ResNet backbone, DETR head with one class row per COCO category id) to ``SMCADETR``'s keys
+ResNet backbone, DETR head with one class row per COCO category id), or that of the multi-scale
+model of the official ``Multi_scale_SMCA.zip`` (``is_official_multi_scale``), to ``SMCADETR``'s keys
 (Detectron2 ResNet, 80 contiguous COCO classes by default); ``load_official_checkpoint`` reads an
 official checkpoint safely (``weights_only=True``, ``argparse.Namespace`` allowed);
 ``check_complete`` compares a converted state dict with a model. ``tools/convert_official_smca.py``
@@ -15,6 +16,7 @@ from .official import (
     check_complete,
     coco_contiguous_category_ids,
     convert_official_state_dict,
+    is_official_multi_scale,
     load_official_checkpoint,
 )
 from .safe_load import (
@@ -49,6 +51,7 @@ __all__ = [
     "check_complete",
     "coco_contiguous_category_ids",
     "convert_official_state_dict",
+    "is_official_multi_scale",
     "load_official_checkpoint",
 ]
 from .torchvision_resnet import convert_torchvision_resnet  # noqa: F401

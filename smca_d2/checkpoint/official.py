@@ -1,4 +1,5 @@
-"""Checkpoints of the official SMCA-DETR code (gaopengcuhk/SMCA-DETR, single-scale) for smca_d2.
+"""Checkpoints of the official SMCA-DETR code (gaopengcuhk/SMCA-DETR) for smca_d2: its single-scale
+model, and the "new multi-scale" model of its ``Multi_scale_SMCA.zip``.
 
 The official model is DETR's: a torchvision ResNet (``backbone.0.body.*``, frozen BN), a
 1x1 ``input_proj`` conv, the transformer, and ``class_embed`` with one row per COCO category
@@ -8,6 +9,14 @@ a list of input projections (``input_proj.0``), decoder modules named after what
 (:data:`OFFICIAL_DECODER_NAMES`: ``point1`` is ``center_head``, ...) and, for COCO, 80
 contiguous classes in the order of the sorted COCO category ids. Everything else has the same
 names and shapes.
+
+The zip's multi-scale model (``ConvMultiScaleEncoder`` in smca_d2) names its input projections by
+channels (``input_proj_512`` ... ``input_proj_2048_3``: smca_d2's ``input_proj.0..3``), keeps the
+level embedding and the stride-8 folding conv in the transformer (``transformer.level_embed``,
+``transformer.conv``), names the encoder's convs by stride (``self_attn_8`` ... ``self_attn_64``:
+``level_convs.0..3``; ``high_to_low[_k]`` / ``low_to_high[_k]``: ``down_convs`` / ``up_convs``;
+``conv_1`` / ``conv_2``: ``input_conv`` / ``output_conv``) and calls the scale selection ``point4``
+(:data:`OFFICIAL_MULTI_SCALE_NAMES`).
 
 :func:`convert_official_state_dict` maps an official state dict to smca_d2's; keys it does not
 know are reported, never silently dropped. :func:`load_official_checkpoint` reads a checkpoint
@@ -32,11 +41,13 @@ from .torchvision_resnet import map_torchvision_resnet_key
 __all__ = [
     "COCO_NUM_CLASS_SLOTS",
     "OFFICIAL_DECODER_NAMES",
+    "OFFICIAL_MULTI_SCALE_NAMES",
     "CompletenessReport",
     "UnsafeCheckpointError",
     "check_complete",
     "coco_contiguous_category_ids",
     "convert_official_state_dict",
+    "is_official_multi_scale",
     "load_official_checkpoint",
     "rename_official_decoder_key",
 ]
@@ -65,7 +76,58 @@ OFFICIAL_DECODER_NAMES = {
     "point1": "center_head",
     "point2": "offset_head",
     "point3": "scale_head",
+    "point4": "scale_selection",  # the multi-scale model's level weights
 }
+
+_LAYER = r"transformer\.encoder\.layers\.(\d+)\."
+_WB = r"\.(weight|bias)"
+
+
+def _encoder_key(module: str):
+    return lambda m: f"transformer.encoder.layers.{m[1]}.{module}.{m[m.lastindex]}"
+
+
+def _link_key(module: str):
+    # The official per-pair convs count from 1: _1 links strides 8 and 16, _2 16 and 32, _3 32 and 64.
+    return lambda m: f"transformer.encoder.layers.{m[1]}.{module}.{int(m[2]) - 1}.{m[3]}"
+
+
+# The zip's multi-scale model: official key pattern -> its smca_d2 key (a function of the match).
+OFFICIAL_MULTI_SCALE_NAMES = [
+    (r"input_proj_512" + _WB, lambda m: f"input_proj.0.{m[1]}"),
+    (r"input_proj_1024" + _WB, lambda m: f"input_proj.1.{m[1]}"),
+    (r"input_proj_2048" + _WB, lambda m: f"input_proj.2.{m[1]}"),
+    (r"input_proj_2048_3" + _WB, lambda m: f"input_proj.3.{m[1]}"),
+    (r"transformer\.level_embed", lambda m: "level_embed"),
+    (r"transformer\.conv" + _WB, lambda m: f"transformer.encoder.fold_conv.{m[1]}"),
+    (_LAYER + r"self_attn_8" + _WB, _encoder_key("level_convs.0")),
+    (_LAYER + r"self_attn_16" + _WB, _encoder_key("level_convs.1")),
+    (_LAYER + r"self_attn_32" + _WB, _encoder_key("level_convs.2")),
+    (_LAYER + r"self_attn_64" + _WB, _encoder_key("level_convs.3")),
+    (_LAYER + r"high_to_low" + _WB, _encoder_key("down_convs.0")),
+    (_LAYER + r"low_to_high" + _WB, _encoder_key("up_convs.0")),
+    (_LAYER + r"high_to_low_([123])" + _WB, _link_key("down_convs")),
+    (_LAYER + r"low_to_high_([123])" + _WB, _link_key("up_convs")),
+    (_LAYER + r"conv_1" + _WB, _encoder_key("input_conv")),
+    (_LAYER + r"conv_2" + _WB, _encoder_key("output_conv")),
+    (_LAYER + r"(linear1|linear2|norm1|norm2)" + _WB, lambda m: f"transformer.encoder.layers.{m[1]}.{m[2]}.{m[3]}"),
+    (r"transformer\.decoder\.layers\.\d+\.point4" + _WB, lambda m: rename_official_decoder_key(m[0])),
+]
+_MULTI_SCALE_PATTERNS = [(re.compile(p), f) for p, f in OFFICIAL_MULTI_SCALE_NAMES]
+
+
+def is_official_multi_scale(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a state dict is the zip's multi-scale model (it has the stride-64 projection)."""
+    return any(k.startswith(("input_proj_2048_3.", "module.input_proj_2048_3.")) for k in state_dict)
+
+
+def _map_multi_scale_key(key: str) -> Optional[str]:
+    """smca_d2's key for a key of the zip's multi-scale model that the single-scale model lacks."""
+    for pattern, target in _MULTI_SCALE_PATTERNS:
+        match = pattern.fullmatch(key)
+        if match is not None:
+            return target(match)
+    return None
 _DECODER_MODULE = re.compile(r"(transformer\.decoder\.layers\.\d+\.)([a-z0-9_]+)(\..*)")
 
 
@@ -150,7 +212,8 @@ def convert_official_state_dict(
     num_classes: int = 80,
     model: Optional[nn.Module] = None,
 ) -> "OrderedDict[str, torch.Tensor]":
-    """Map an official SMCA-DETR (single-scale) state dict to smca_d2's ``SMCADETR`` keys.
+    """Map an official SMCA-DETR state dict (the single-scale model, or the multi-scale model of
+    ``Multi_scale_SMCA.zip``, recognised by its keys) to smca_d2's ``SMCADETR`` keys.
 
     Args:
         state_dict: the official model's ``state_dict()`` (the ``"model"`` entry of a checkpoint
@@ -163,7 +226,8 @@ def convert_official_state_dict(
             ValueError lists missing / unexpected keys and shape mismatches.
 
     Returns:
-        an OrderedDict with every parameter and buffer of the smca_d2 single-scale model.
+        an OrderedDict with every parameter and buffer of the smca_d2 model: the single-scale
+        model, or for the zip's model that of ``smca_conv_multi_scale_*``.
 
     Raises:
         ValueError: keys that are not part of the official single-scale model (listed), a
@@ -174,6 +238,7 @@ def convert_official_state_dict(
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module.") :]: v for k, v in sd.items()}
 
+    multi_scale = is_official_multi_scale(sd)
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     unknown: List[str] = []
     for key, value in sd.items():
@@ -188,8 +253,10 @@ def convert_official_state_dict(
                 unknown.append(key)
             else:
                 out[new] = value
-        elif key in ("input_proj.weight", "input_proj.bias"):
+        elif key in ("input_proj.weight", "input_proj.bias") and not multi_scale:
             out["input_proj.0." + key.split(".")[-1]] = value
+        elif multi_scale and _map_multi_scale_key(key) is not None:
+            out[_map_multi_scale_key(key)] = value
         elif key in ("class_embed.weight", "class_embed.bias"):
             pass  # below
         elif any(p.fullmatch(key) for p in _TRANSFORMER_PATTERNS):
@@ -200,9 +267,10 @@ def convert_official_state_dict(
             unknown.append(key)
     if unknown:
         raise ValueError(
-            f"{len(unknown)} key(s) of the checkpoint are not part of the official single-scale "
-            "SMCA-DETR model and have no smca_d2 counterpart (a multi-scale, segmentation or "
-            "pre-norm checkpoint?):\n  " + "\n  ".join(sorted(unknown))
+            f"{len(unknown)} key(s) of the checkpoint are not part of the official "
+            f"{'multi-scale (Multi_scale_SMCA.zip)' if multi_scale else 'single-scale'} SMCA-DETR model and "
+            "have no smca_d2 counterpart (a segmentation or pre-norm checkpoint, or another variant?):\n  "
+            + "\n  ".join(sorted(unknown))
         )
 
     weight, bias = sd.get("class_embed.weight"), sd.get("class_embed.bias")

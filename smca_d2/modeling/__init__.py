@@ -3,7 +3,7 @@
 from .attention import SpatiallyModulatedCoAttention, gaussian_log_weights
 from .criterion import SetCriterion, sigmoid_focal_loss
 from .decoder import SMCA_DECODER_REGISTRY, DecoderLayer, SMCADecoder
-from .encoder import SMCA_ENCODER_REGISTRY, MultiScaleEncoder, SingleScaleEncoder
+from .encoder import SMCA_ENCODER_REGISTRY, ConvMultiScaleEncoder, DecoderLevels, MultiScaleEncoder, SingleScaleEncoder
 from .matcher import HungarianMatcher
 from .meta_arch import SMCADETR
 from .position_encoding import PositionEmbeddingSine
@@ -14,6 +14,8 @@ __all__ = [
     "SMCATransformer",
     "SingleScaleEncoder",
     "MultiScaleEncoder",
+    "ConvMultiScaleEncoder",
+    "DecoderLevels",
     "SMCA_ENCODER_REGISTRY",
     "SMCADecoder",
     "DecoderLayer",

@@ -2,6 +2,8 @@
 
 from torch import nn
 
+from .encoder import DecoderLevels
+
 
 class SMCATransformer(nn.Module):
     """Holds the encoder and the decoder (``transformer.encoder`` / ``transformer.decoder`` in
@@ -39,6 +41,10 @@ class SMCATransformer(nn.Module):
         Returns:
             hs [num_dec_layers, B, Q, C], ref_logit [B, Q, 2]
         """
-        memory = self.encoder(src, pos, key_padding_mask, [h * w for h, w in level_shapes])
+        memory = self.encoder(src, pos, key_padding_mask, level_shapes)
+        if isinstance(memory, DecoderLevels):  # the decoder attends to other levels (ConvMultiScaleEncoder)
+            memory, pos, key_padding_mask, level_shapes, level_strides = memory.gather(
+                pos, key_padding_mask, level_shapes, level_strides
+            )
         query_pos = query_embed.unsqueeze(0).expand(src.shape[0], -1, -1)
         return self.decoder(memory, pos, query_pos, key_padding_mask, level_shapes, level_strides, image_wh)

@@ -114,11 +114,12 @@ def test_per_level_gaussian_bandwidths():
             _decoder(beta=bad)
 
 
-def _encoder_inputs(levels=(12, 6, 2), batch=2, d_model=16):
+def _encoder_inputs(levels=((3, 4), (2, 3), (1, 2)), batch=2, d_model=16):
     g = torch.Generator().manual_seed(1)
-    src = torch.randn(batch, sum(levels), d_model, generator=g)
-    pos = torch.randn(batch, sum(levels), d_model, generator=g)
-    mask = torch.zeros(batch, sum(levels), dtype=torch.bool)
+    tokens = sum(h * w for h, w in levels)
+    src = torch.randn(batch, tokens, d_model, generator=g)
+    pos = torch.randn(batch, tokens, d_model, generator=g)
+    mask = torch.zeros(batch, tokens, dtype=torch.bool)
     mask[1, 10:12] = True
     return src, pos, mask, list(levels)
 
@@ -149,7 +150,7 @@ def test_per_level_intra_scale_attention():
         after = per_level(*inputs)
     assert torch.equal(after[:, :12], before[:, :12]) and not torch.allclose(after[:, 18:], before[:, 18:])
     with pytest.raises(ValueError, match="3 levels, got 2"):
-        per_level(inputs[0][:, :18], inputs[1][:, :18], inputs[2][:, :18], [12, 6])
+        per_level(inputs[0][:, :18], inputs[1][:, :18], inputs[2][:, :18], [(3, 4), (2, 3)])
     with pytest.raises(ValueError, match="num_levels"):
         MultiScaleEncoder(intra_attention="per_level", **kwargs)
     with pytest.raises(ValueError, match="intra_attention"):
@@ -222,3 +223,17 @@ def test_ablation_config_builds_the_variant_and_trains(path):
     assert EXPECTED[os.path.basename(path)](model)
     losses = model(make_inputs([(96, 128), (64, 96)], num_classes=model.num_classes))
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_readme_overrides_for_the_block_order_and_per_level_bandwidths():
+    """The overrides README shows for other encoder block orders and per-level bandwidths."""
+    from smca_d2.engine import load_config
+
+    overrides = [
+        "model.transformer.encoder.block_types=[intra,multi,multi,intra,intra]",
+        "model.transformer.decoder.beta=[8,8,8]",
+    ]
+    cfg = load_config(os.path.join(REPO, "configs", "smca_multi_scale_r50_50ep.py"), overrides)
+    transformer = instantiate(cfg.model.transformer)
+    assert transformer.encoder.block_types == ["intra", "multi", "multi", "intra", "intra"]
+    assert transformer.decoder.betas == [8.0, 8.0, 8.0]

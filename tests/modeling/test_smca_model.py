@@ -78,7 +78,7 @@ def test_encoder_free_model_trains():
 
     encoder = SingleScaleEncoder(num_layers=0, d_model=8, nhead=2, dim_feedforward=16)
     src = torch.randn(2, 5, 8)
-    assert encoder(src, torch.randn(2, 5, 8), torch.zeros(2, 5, dtype=torch.bool), [5]) is src
+    assert encoder(src, torch.randn(2, 5, 8), torch.zeros(2, 5, dtype=torch.bool), [(1, 5)]) is src
     with pytest.raises(ValueError, match="num_layers"):
         SingleScaleEncoder(num_layers=-1)
 
