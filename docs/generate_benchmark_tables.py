@@ -68,6 +68,7 @@ def render_convergence(data: dict) -> str:
             compared = model != BASELINE and "iters_to_baseline_final_AP" in m
             ratio, reach = m.get("final_AP_ratio_to_baseline"), m.get("iters_to_baseline_final_AP")
             frac = m.get("fraction_of_baseline_iters")
+            base_reach, base_ratio = m.get("baseline_iters_to_final_AP"), m.get("baseline_iters_ratio")
             rows.append(
                 [
                     DATASET_NAMES.get(dataset, dataset),
@@ -75,6 +76,9 @@ def render_convergence(data: dict) -> str:
                     str(m["iters"][-1]),
                     f"{m['AP_mean'][-1]:.2f}",
                     f"{m['AP50_final_mean']:.1f}",
+                    "-"
+                    if not compared or "baseline_iters_to_final_AP" not in m
+                    else ("not reached" if base_reach is None else f"{base_reach} ({base_ratio:.1f}x)"),
                     "-" if not compared else ("n/a" if ratio is None else f"{ratio:.1f}"),
                     "-"
                     if not compared
@@ -89,22 +93,24 @@ def render_convergence(data: dict) -> str:
         "iterations",
         "final AP",
         "final AP50",
-        "x baseline's AP",
+        "baseline's iterations to this AP",
+        "x baseline's final AP",
         "iterations to the baseline's final AP",
         "s/iter",
         "seeds",
     ]
-    curves = []
+    lines = [environment_line(data["environment"]), ""] + _table(header, rows)
+    # One table of AP curves per set of evaluation iterations (the baseline's run is longer).
+    groups: Dict[tuple, list] = {}
     for dataset, models in data["summary"].items():
         for model, m in models.items():
-            curves.append(
+            groups.setdefault(tuple(m["iters"]), []).append(
                 [DATASET_NAMES.get(dataset, dataset), MODEL_NAMES.get(model, model)]
                 + [f"{ap:.2f}" for ap in m["AP_mean"]]
             )
-    iters = next(iter(next(iter(data["summary"].values())).values()))["iters"]
-    lines = [environment_line(data["environment"]), ""] + _table(header, rows)
-    lines += ["", "AP (mean over seeds) at each evaluation:", ""]
-    lines += _table(["dataset", "model"] + [str(i) for i in iters], curves)
+    for iters, curves in groups.items():
+        lines += ["", "AP (mean over seeds) at each evaluation:", ""]
+        lines += _table(["dataset", "model"] + [str(i) for i in iters], curves)
     return "\n".join(lines)
 
 
