@@ -37,6 +37,10 @@ COVERED_BY = {
         "tests/test_gpu_check.py::test_dry_run_prints_the_table_and_writes_the_json"
     ],
     "bash tools/gpu_check.sh --dry-run": ["tests/test_gpu_check.py::test_full_dry_run"],
+    # The opt-in equivalence test with the official multi-scale code (SMCA_OFFICIAL_MS_REPO).
+    "python -m pytest tests/test_convert_official_multi_scale.py -k equivalence -s": [
+        "tests/test_convert_official_multi_scale.py::test_equivalence_with_the_official_multi_scale_code"
+    ],
 }
 # Environment variables given to a make command, beyond what the Makefile / bootstrap.sh read,
 # with the tests that exercise them.
