@@ -18,7 +18,7 @@ import types
 
 import pytest
 import torch
-from test_convert_official import COCO_IDS, raw_outputs, randomize, to_official_key
+from test_convert_official import COCO_IDS, randomize, raw_outputs, to_official_key
 
 from smca_d2.checkpoint import check_complete, convert_official_state_dict, is_official_multi_scale
 
@@ -185,7 +185,8 @@ def _official_module(name, fix_batch_bug):
     module = importlib.import_module(f"models.{name}")
     if not fix_batch_bug:
         return module
-    source = open(module.__file__).read()
+    with open(module.__file__) as f:
+        source = f.read()
     for k in range(4):
         assert BATCH_ZERO.format(k=k) in source, "the zip's code is not the expected version"
         source = source.replace(BATCH_ZERO.format(k=k), PER_IMAGE.format(k=k))

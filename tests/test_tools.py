@@ -34,7 +34,8 @@ TRAINABLE = {
     "smca_multi_scale_r101_50ep.py": 39_526_824 + R101_EXTRA,
     # The official code's 40,763,514 and 60,010,618 (its training logs) less 12 class rows of 257.
     "smca_conv_multi_scale_r50_50ep.py": 40_760_430,
-    "smca_conv_multi_scale_r101_50ep.py": 40_760_430 + R101_EXTRA + 6 * 4 * (256 * 49 + 256),  # 4 more exchange convs per layer
+    # R101 also has 4 more exchange convs per encoder layer (one per pair of levels).
+    "smca_conv_multi_scale_r101_50ep.py": 40_760_430 + R101_EXTRA + 6 * 4 * (256 * 49 + 256),
     "detr_baseline_r50_50ep.py": 41_483_094,
 }
 

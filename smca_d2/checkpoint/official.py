@@ -128,6 +128,8 @@ def _map_multi_scale_key(key: str) -> Optional[str]:
         if match is not None:
             return target(match)
     return None
+
+
 _DECODER_MODULE = re.compile(r"(transformer\.decoder\.layers\.\d+\.)([a-z0-9_]+)(\..*)")
 
 

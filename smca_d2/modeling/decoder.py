@@ -210,7 +210,9 @@ class SMCADecoder(nn.Module):
         super().__init__()
         betas = [beta] * num_levels if isinstance(beta, (int, float)) else list(beta)
         if len(betas) != num_levels or not all(isinstance(b, (int, float)) and b > 0 for b in betas):
-            raise ValueError(f"beta must be a positive number or {num_levels} positive numbers (one per level), got {beta}")
+            raise ValueError(
+                f"beta must be a positive number or {num_levels} positive numbers (one per level), got {beta}"
+            )
         self.betas = [float(b) for b in betas]
         self.num_levels = num_levels
         self.layers = nn.ModuleList(

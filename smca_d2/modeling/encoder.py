@@ -7,7 +7,7 @@ tokens concatenated, finest level first, and returns the memory over the same to
 """
 
 import copy
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -197,8 +197,9 @@ EXPECTED = {
     "smca_single_scale_r50_50ep_head_specific_fixed.py": lambda m: not _head_shared(m) and _scale_channels(m) == 0,
     "smca_single_scale_r50_50ep_head_specific_single.py": lambda m: not _head_shared(m) and _scale_channels(m) == 1,
     "smca_single_scale_r50_50ep_no_aux_loss.py": lambda m: not m.aux_loss,
-    "smca_multi_scale_r50_50ep_no_scale_selection.py": lambda m: m.transformer.decoder.layers[0].scale_selection
-    is None,
+    "smca_multi_scale_r50_50ep_no_scale_selection.py": lambda m: (
+        m.transformer.decoder.layers[0].scale_selection is None
+    ),
     "smca_multi_scale_r50_50ep_encoder_all_intra.py": lambda m: m.transformer.encoder.block_types == ["intra"] * 5,
     "smca_multi_scale_r50_50ep_encoder_all_multi.py": lambda m: m.transformer.encoder.block_types == ["multi"] * 5,
     "smca_multi_scale_r50_50ep_intra_per_level.py": lambda m: len(m.transformer.encoder.layers[0]) == 3,
