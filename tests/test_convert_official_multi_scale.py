@@ -18,7 +18,7 @@ import types
 
 import pytest
 import torch
-from test_convert_official import COCO_IDS, randomize, raw_outputs, to_official_key
+from test_convert_official import COCO_IDS, randomize, raw_outputs, single_thread, to_official_key  # noqa: F401 (fixture)
 
 from smca_d2.checkpoint import check_complete, convert_official_state_dict, is_official_multi_scale
 
@@ -76,14 +76,6 @@ def to_official_ms_key(key, shared=True):
 
 def to_official_ms(state_dict, shared=True):
     return {to_official_ms_key(k, shared): v.clone() for k, v in state_dict.items()}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

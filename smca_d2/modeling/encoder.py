@@ -70,9 +70,12 @@ class EncoderLayer(nn.Module):
         """
         q = k = src + pos
         src2 = self.self_attn(q, k, src, key_padding_mask=key_padding_mask, need_weights=False)[0]
-        src = self.norm1(src + self.dropout1(src2))
-        src2 = self.linear2(self.dropout(F.relu(self.linear1(src))))
-        return self.norm2(src + self.dropout2(src2))
+        return _post_norm_ffn(self, self.norm1(src + self.dropout1(src2)))
+
+
+def _post_norm_ffn(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm2(x + FFN(x))`` with the FFN and norm of an encoder layer (DETR's, over tokens)."""
+    return layer.norm2(x + layer.dropout2(layer.linear2(layer.dropout(F.relu(layer.linear1(x))))))
 
 
 def _clones(module, n):
@@ -230,8 +233,7 @@ class ConvEncoderLayer(nn.Module):
         for x, m in zip(maps, mixed):
             b, c, h, w = x.shape
             t = (x + self.dropout1(self.output_conv(m))).flatten(2).transpose(1, 2)  # [B, HW, C]
-            t = self.norm1(t)
-            t = self.norm2(t + self.dropout2(self.linear2(self.dropout(F.relu(self.linear1(t))))))
+            t = _post_norm_ffn(self, self.norm1(t))
             out.append(t.transpose(1, 2).reshape(b, c, h, w))
         return out
 
