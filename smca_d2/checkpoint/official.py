@@ -257,8 +257,8 @@ def convert_official_state_dict(
                 out[new] = value
         elif key in ("input_proj.weight", "input_proj.bias") and not multi_scale:
             out["input_proj.0." + key.split(".")[-1]] = value
-        elif multi_scale and _map_multi_scale_key(key) is not None:
-            out[_map_multi_scale_key(key)] = value
+        elif multi_scale and (new := _map_multi_scale_key(key)) is not None:
+            out[new] = value
         elif key in ("class_embed.weight", "class_embed.bias"):
             pass  # below
         elif any(p.fullmatch(key) for p in _TRANSFORMER_PATTERNS):

@@ -33,8 +33,9 @@ class DecoderLevels(NamedTuple):
         """``(memory, pos, key_padding_mask, level_shapes, level_strides)`` of the decoder's levels,
         from those of the encoder's input levels."""
         index = self.source_levels
-        pos_levels = pos.split(_level_sizes(level_shapes), 1)
-        masks = split_padding_mask(key_padding_mask, _level_sizes(level_shapes))
+        sizes = _level_sizes(level_shapes)
+        pos_levels = pos.split(sizes, 1)
+        masks = split_padding_mask(key_padding_mask, sizes)
         return (
             self.memory,
             torch.cat([pos_levels[i] for i in index], dim=1),
