@@ -15,6 +15,12 @@
 #                          (a CPU build where torch sees no GPU) instead of the pure-Python v0.6
 #                          sdist. The checkout is copied first and left untouched; its contents are
 #                          part of the cache key, so an updated checkout gets a new base.
+#   SMCA_D2_INSTALLER=pip  build the base with pip only. By default torch, torchvision and the
+#                          requirements go in with uv (https://docs.astral.sh/uv/; the one on PATH,
+#                          or a pinned one installed with pip into the cache), from the indexes,
+#                          find-links and constraints pip is configured with
+#                          (scripts/uv_index_args.py): the same pinned packages, unpacked several
+#                          times faster. pip takes over if uv cannot be had or fails.
 #   SMCA_D2_SYSTEM_SITE=1  use the interpreter's own packages instead of the cached base: for users
 #                          who already have torch, torchvision and a full detectron2 build (GPU).
 #                          Whatever is installed there is used as is, at its version; only what is
@@ -29,6 +35,8 @@ VENV="$ROOT/.venv"
 TORCH_PINS="torch==2.14.1 torchvision==0.29.1"
 D2_SDIST="pb1-detectron2==0.6"
 D2_SHA256="5d2e9e51e523ec72f6a31cca04b0a515492e9514b773a3d134cedc0677170b29"
+# uv at the version requirements/constraints.txt pins (it is in requirements/test.txt too).
+UV_PIN="$(grep -i -m1 '^uv==' requirements/constraints.txt || echo uv)"
 PIP_QUIET=(--quiet --disable-pip-version-check)
 
 log() { echo "[bootstrap] $*" >&2; }
@@ -140,18 +148,55 @@ install_missing_requirements() {
   rm -f "$pins"
 }
 
+# The uv to build the base with: the one on PATH, else UV_PIN installed with pip into the cache;
+# nothing (status 1) with SMCA_D2_INSTALLER=pip or when neither works.
+find_uv() {
+  [[ "${SMCA_D2_INSTALLER:-uv}" != "pip" ]] || return 1
+  if command -v uv >/dev/null 2>&1; then command -v uv; return 0; fi
+  local tool="$CACHE/tools/${UV_PIN/==/-}"
+  if [[ ! -x "$tool/bin/uv" ]]; then
+    rm -rf "$tool"
+    "$PYTHON" -m pip install "${PIP_QUIET[@]}" --target "$tool" "$UV_PIN" >/dev/null 2>&1 || return 1
+  fi
+  "$tool/bin/uv" --version >/dev/null 2>&1 || return 1
+  echo "$tool/bin/uv"
+}
+
+# uv pip install into the environment of python $2, with pip's indexes: uv_install UV PY ARGS...
+uv_install() {
+  local uv="$1" py="$2" arg
+  shift 2
+  local opts=()
+  while IFS= read -r arg; do
+    if [[ "$arg" == SSL_CERT_FILE=* ]]; then
+      [[ -n "${SSL_CERT_FILE:-}" ]] || export SSL_CERT_FILE="${arg#SSL_CERT_FILE=}"
+    elif [[ -n "$arg" ]]; then
+      opts+=("$arg")
+    fi
+  done < <("$PYTHON" scripts/uv_index_args.py)
+  "$uv" pip install --quiet --python "$py" "${opts[@]}" "$@"
+}
+
 build_base() {
-  local base="$1" start=$SECONDS
-  log "building the base environment in $base (torch, torchvision, detectron2; once per machine:"
-  log "  2 to 4 minutes on a fresh machine, mostly the 4 GB of torch's CUDA libraries; later runs reuse it)"
+  local base="$1" start=$SECONDS uv
+  log "building the base environment in $base (torch, torchvision, detectron2; once per machine,"
+  log "  later runs reuse it)"
   rm -rf "$base"
   "$PYTHON" -m venv "$base"
-  log "1/3 installing $TORCH_PINS (the registry's builds, which run on the CPU too)"
-  "$base/bin/python" -m pip install "${PIP_QUIET[@]}" "${PINS[@]}" \
-    $TORCH_PINS 2> >(grep -v "is ignored" >&2)
-  log "2/3 installing requirements/{base,test,export}.txt ($((SECONDS - start)) s so far)"
-  install_requirements "$base/bin/python"
-  log "3/3 installing detectron2 ($((SECONDS - start)) s so far)"
+  if uv="$(find_uv)" && log "1/2 installing $TORCH_PINS and requirements/{base,test,export}.txt with $("$uv" --version)" \
+      && log "  (the registry's builds, which run on the CPU too: 4 GB to unpack, about a minute)" \
+      && uv_install "$uv" "$base/bin/python" "${PINS[@]}" $TORCH_PINS \
+        -r requirements/base.txt -r requirements/test.txt -r requirements/export.txt; then
+    log "2/2 installing detectron2 ($((SECONDS - start)) s so far)"
+  else
+    [[ "${SMCA_D2_INSTALLER:-uv}" == "pip" ]] || log "no working uv: installing with pip (2 to 4 minutes on a fresh machine)"
+    log "1/3 installing $TORCH_PINS with pip (the registry's builds, which run on the CPU too)"
+    "$base/bin/python" -m pip install "${PIP_QUIET[@]}" "${PINS[@]}" \
+      $TORCH_PINS 2> >(grep -v "is ignored" >&2)
+    log "2/3 installing requirements/{base,test,export}.txt ($((SECONDS - start)) s so far)"
+    install_requirements "$base/bin/python"
+    log "3/3 installing detectron2 ($((SECONDS - start)) s so far)"
+  fi
   install_detectron2 "$base/bin/python"
   "$base/bin/python" -c "import torch, torchvision, detectron2, pycocotools, scipy"
   touch "$base/.complete"

@@ -168,3 +168,84 @@ def test_system_site_bootstrap_leaves_installed_packages_alone(tmp_path):
     ).stdout.strip()
     installed = sorted(n for n in os.listdir(venv_site) if n.endswith(".dist-info"))
     assert installed == [f"smca_d2-{smca_d2.__version__}.dist-info"], installed
+
+
+uv_index_args = load_script("scripts/uv_index_args.py")
+
+
+def test_uv_index_args_follow_pips_configuration():
+    """bootstrap.sh gives uv pip's indexes, find-links, constraints and certificate, each from the
+    section pip itself would take it from (PIP_* variables over [install] over [global])."""
+    config_list = textwrap.dedent(
+        """\
+        global.index-url='https://global.example/simple'
+        install.index-url='https://install.example/simple'
+        global.extra-index-url='file:///a/simple file:///b/simple'
+        :env:.find-links='/wheels'
+        global.find-links='/ignored'
+        global.constraint='/etc/caps.txt'
+        global.cert='/etc/ca.pem'
+        global.timeout='60'
+        """
+    )
+    settings = uv_index_args.pip_settings(config_list)
+    assert settings["index-url"] == "https://install.example/simple"
+    assert settings["find-links"] == "/wheels"
+    assert uv_index_args.uv_args(settings) == [
+        "--index-strategy",
+        "unsafe-best-match",
+        "--index-url",
+        "https://install.example/simple",
+        "--extra-index-url",
+        "file:///a/simple",
+        "--extra-index-url",
+        "file:///b/simple",
+        "--find-links",
+        "/wheels",
+        "--constraint",
+        "/etc/caps.txt",
+        "SSL_CERT_FILE=/etc/ca.pem",
+    ]
+    assert uv_index_args.uv_args(uv_index_args.pip_settings("")) == ["--index-strategy", "unsafe-best-match"]
+
+
+def _write_wheel(folder, name, version):
+    """A minimal pure-Python wheel of one module ``name`` holding ``VERSION``."""
+    dist = f"{name}-{version}"
+    path = os.path.join(folder, f"{dist}-py3-none-any.whl")
+    with zipfile.ZipFile(path, "w") as whl:
+        whl.writestr(f"{name}.py", f"VERSION = {version!r}\n")
+        whl.writestr(f"{dist}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+        whl.writestr(f"{dist}.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        whl.writestr(f"{dist}.dist-info/RECORD", "")
+    return path
+
+
+def test_uv_installs_from_pips_find_links_and_constraints(tmp_path):
+    """The arguments bootstrap.sh passes to uv, from a pip configuration with no index, a
+    find-links folder and a constraint file: uv installs the constrained version from that folder."""
+    uv = pytest.importorskip("uv", reason="uv is in requirements/test.txt").find_uv_bin()
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for version in ("1.0", "2.0"):
+        _write_wheel(str(wheels), "smca_uv_probe", version)
+    caps = tmp_path / "caps.txt"
+    caps.write_text("smca_uv_probe<2\n")
+    config = tmp_path / "pip-config-list.txt"
+    config.write_text(f":env:.no-index='1'\nglobal.find-links='{wheels}'\nglobal.constraint='{caps}'\n")
+    args = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "uv_index_args.py"), "--pip-config-list", str(config)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    assert "--no-index" in args
+    target = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(target)], check=True)
+    python = str(target / "bin" / "python")
+    env = {**os.environ, "UV_CACHE_DIR": str(tmp_path / "uv-cache")}
+    subprocess.run([uv, "pip", "install", "--quiet", "--python", python, *args, "smca_uv_probe"], check=True, env=env)
+    out = subprocess.run(
+        [python, "-c", "import smca_uv_probe; print(smca_uv_probe.VERSION)"], check=True, capture_output=True, text=True
+    )
+    assert out.stdout.strip() == "1.0"
