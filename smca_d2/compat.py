@@ -43,6 +43,7 @@ import inspect
 import logging
 import sys
 import types
+import warnings
 from datetime import timedelta
 
 import torch
@@ -118,6 +119,18 @@ def _patch_pillow():
         Image.LINEAR = Image.BILINEAR
 
 
+def _import_jit_scripted_modules():
+    # torch >= 2.14 warns that torch.jit.script is deprecated each time it is called, and fvcore
+    # and detectron2 call it at import time (fvcore.nn.focal_loss,
+    # detectron2.modeling.box_regression): every program would print the warning twice, about
+    # code that is not its own. Those modules are imported here without it; torch.jit.script
+    # called anywhere else still warns.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        importlib.import_module("fvcore.nn")
+        importlib.import_module("detectron2.modeling.box_regression")
+
+
 def _patch_coco_evaluator():
     # COCOEvaluator(use_fast_impl=True), its default, needs _C: fall back to pycocotools.
     from pycocotools.cocoeval import COCOeval
@@ -144,6 +157,8 @@ def apply():
         import detectron2
 
         detectron2._C = sys.modules[_EXT_NAME]
+    _import_jit_scripted_modules()
+    if not HAS_C:
         _patch_coco_evaluator()
     _applied = True
 

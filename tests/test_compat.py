@@ -2,10 +2,12 @@
 
 import importlib
 import os
+import subprocess
 import sys
 
 import pytest
 import torch
+from conftest import REPO
 
 from smca_d2 import compat
 from smca_d2.engine import launch
@@ -115,3 +117,42 @@ def test_launch_two_processes_on_cpu(tmp_path):
     # DDP averages gradients: sum over 4 rows of x, mean over ranks of (1, 2) -> 6 per weight.
     torch.testing.assert_close(results[0]["grad"], results[1]["grad"])
     torch.testing.assert_close(results[0]["grad"], torch.full((1, 3), 6.0))
+
+
+def test_import_prints_no_deprecation_warning_of_other_packages(tmp_path):
+    """fvcore and detectron2 call torch.jit.script at import time, which torch >= 2.14 reports as
+    deprecated: importing smca_d2 does not print that warning, while a user's own
+    torch.jit.script still does."""
+    script = tmp_path / "user.py"
+    script.write_text(
+        "import warnings\n"
+        "warnings.filterwarnings('error', message='`torch.jit.script` is deprecated')\n"
+        "import smca_d2, train_net  # noqa: F401\n"
+        "import torch\n"
+        "def f(x: torch.Tensor):\n"
+        "    return x + 1\n"
+        "warnings.resetwarnings()\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    torch.jit.script(f)\n"
+        "print(sum('torch.jit.script' in str(w.message) for w in caught))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": REPO},
+        cwd=str(tmp_path),
+    )
+    assert out.returncode == 0, out.stderr  # no warning while importing smca_d2 and train_net
+
+    def g(x: torch.Tensor):
+        return x + 1
+
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.jit.script(g)
+    warns_here = sum("torch.jit.script" in str(w.message) for w in caught)
+    assert out.stdout.strip() == str(warns_here)  # the user's own call warns as torch makes it

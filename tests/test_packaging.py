@@ -216,7 +216,9 @@ def _write_wheel(folder, name, version):
     with zipfile.ZipFile(path, "w") as whl:
         whl.writestr(f"{name}.py", f"VERSION = {version!r}\n")
         whl.writestr(f"{dist}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-        whl.writestr(f"{dist}.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        whl.writestr(
+            f"{dist}.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        )
         whl.writestr(f"{dist}.dist-info/RECORD", "")
     return path
 

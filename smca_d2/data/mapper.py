@@ -26,13 +26,43 @@ class RobustDatasetMapper(DatasetMapper):
 
     With the validation of :func:`validated_dataset_dicts` this only happens if a file changes
     during training.
+
+    Args:
+        image_cache_mb: keep up to this many MiB of decoded images in memory (in each process
+            that maps data) and read each of them only once: for a dataset that fits, every
+            epoch after the first skips reading and decoding. 0 (the default) keeps none. A file
+            changed after it was cached is not read again.
+        the others: those of :class:`detectron2.data.DatasetMapper` (or its ``cfg`` form).
     """
+
+    def __init__(self, *args, image_cache_mb: float = 0, **kwargs):
+        super().__init__(*args, **kwargs)
+        if image_cache_mb < 0:
+            raise ValueError(f"image_cache_mb must be >= 0, got {image_cache_mb}")
+        self.image_cache_bytes = int(image_cache_mb * 2**20)
+        self._image_cache = {}
+        self._image_cache_used = 0
+
+    def _read_checked_image(self, dataset_dict) -> np.ndarray:
+        """The record's image, of the size the record says (``check_image_size``), from the
+        cache or from its file."""
+        file_name = dataset_dict["file_name"]
+        image = self._image_cache.get(file_name)
+        cached = image is not None
+        if not cached:
+            image = read_image(file_name, format=self.image_format)
+        utils.check_image_size(dataset_dict, image)
+        if not cached and self._image_cache_used + image.nbytes <= self.image_cache_bytes:
+            # Read-only, as the arrays of PIL images are: the augmentations make new arrays.
+            image.flags.writeable = False
+            self._image_cache[file_name] = image
+            self._image_cache_used += image.nbytes
+        return image
 
     def __call__(self, dataset_dict):
         dataset_dict = copy.deepcopy(dataset_dict)
         try:
-            image = read_image(dataset_dict["file_name"], format=self.image_format)
-            utils.check_image_size(dataset_dict, image)
+            image = self._read_checked_image(dataset_dict)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             logger.warning(f"Skipping {dataset_dict['file_name']}: {type(e).__name__}: {e}")
             return None

@@ -97,3 +97,34 @@ def test_random_choice_uses_every_choice():
     assert sizes == {10, 20}
     with pytest.raises(ValueError):
         RandomChoice([])
+
+
+def test_image_cache_reads_each_file_once_and_gives_the_same_results(record, monkeypatch):
+    """With image_cache_mb, an image is read once; later calls give the same outputs (flipped)
+    as an uncached mapper; the cached array is read-only. A cache too small for an image keeps
+    none."""
+    from smca_d2.data import RobustDatasetMapper
+    from smca_d2.data import mapper as mapper_module
+
+    reads = []
+    real_read = mapper_module.read_image
+    monkeypatch.setattr(mapper_module, "read_image", lambda *a, **k: reads.append(a[0]) or real_read(*a, **k))
+    augs = [T.RandomFlip(prob=1.0, horizontal=True)]
+    plain = RobustDatasetMapper(is_train=True, augmentations=augs, image_format="RGB")
+    cached = RobustDatasetMapper(is_train=True, augmentations=augs, image_format="RGB", image_cache_mb=1)
+    expected = plain(record)
+    reads.clear()
+    for _ in range(3):
+        out = cached(record)
+        torch.testing.assert_close(out["image"], expected["image"], rtol=0, atol=0)
+        torch.testing.assert_close(out["instances"].gt_boxes.tensor, expected["instances"].gt_boxes.tensor)
+    assert reads == [record["file_name"]]
+
+    assert not cached._image_cache[record["file_name"]].flags.writeable
+
+    too_small = RobustDatasetMapper(is_train=True, augmentations=augs, image_format="RGB", image_cache_mb=0.1)
+    reads.clear()
+    too_small(record), too_small(record)
+    assert reads == [record["file_name"]] * 2
+    with pytest.raises(ValueError, match="image_cache_mb"):
+        RobustDatasetMapper(is_train=True, augmentations=augs, image_format="RGB", image_cache_mb=-1)
