@@ -13,7 +13,8 @@
 # * batches of images of one size (rounded up to 16 px): the flips keep image sizes, so a batch
 #   is padded much less than with the aspect-ratio grouping;
 # * the data loaded in the training process: on 2 cores a loader process takes CPU time from
-#   the training threads.
+#   the training threads; the decoded images are kept in memory (about 200 MB), so that only the
+#   first epoch reads and decodes them.
 from detectron2.config import LazyCall as L
 from detectron2.modeling.backbone import BasicStem, ResNet
 from detectron2.modeling.backbone.resnet import BasicBlock
@@ -48,6 +49,7 @@ model.size_divisibility = 16
 
 dataloader.train.size_grouping = 16
 dataloader.train.num_workers = 0
+dataloader.train.mapper.image_cache_mb = 512
 
 optimizer.lr = 8e-4
 
