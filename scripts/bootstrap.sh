@@ -61,7 +61,7 @@ if "$PYTHON" -c 'import sys; sys.exit(sys.version_info >= (3, 11))'; then
   PINS=()
 fi
 # The base is keyed by what goes into it; BASE_LAYOUT is raised when build_base changes.
-BASE_LAYOUT=2
+BASE_LAYOUT=3
 key="$(cat requirements/base.txt requirements/test.txt requirements/export.txt requirements/constraints.txt \
         <(echo "$BASE_LAYOUT $pyver $TORCH_PINS $d2_key") | sha256sum | cut -c1-16)"
 if [[ -n "$D2_SRC" ]]; then key="d2src-$key"; fi
@@ -174,7 +174,9 @@ uv_install() {
       opts+=("$arg")
     fi
   done < <("$PYTHON" scripts/uv_index_args.py)
-  "$uv" pip install --quiet --python "$py" "${opts[@]}" "$@"
+  # --compile-bytecode: the .pyc files pip writes at install time, so that no process compiles
+  # torch's modules again at import (with PYTHONDONTWRITEBYTECODE set, every process would).
+  "$uv" pip install --quiet --compile-bytecode --python "$py" "${opts[@]}" "$@"
 }
 
 build_base() {
