@@ -149,9 +149,8 @@ install_missing_requirements() {
 }
 
 # The uv to build the base with: the one on PATH, else UV_PIN installed with pip into the cache;
-# nothing (status 1) with SMCA_D2_INSTALLER=pip or when neither works.
+# nothing (status 1) when neither works.
 find_uv() {
-  [[ "${SMCA_D2_INSTALLER:-uv}" != "pip" ]] || return 1
   if command -v uv >/dev/null 2>&1; then command -v uv; return 0; fi
   local tool="$CACHE/tools/${UV_PIN/==/-}"
   if [[ ! -x "$tool/bin/uv" ]]; then
@@ -179,19 +178,33 @@ uv_install() {
   "$uv" pip install --quiet --compile-bytecode --python "$py" "${opts[@]}" "$@"
 }
 
+# torch, torchvision and the requirements into the base environment at $1 with uv; status 1 (and
+# nothing installed) with SMCA_D2_INSTALLER=pip, status 1 after saying why if uv cannot be had or
+# fails.
+install_base_packages_with_uv() {
+  local base="$1" uv
+  [[ "${SMCA_D2_INSTALLER:-uv}" != "pip" ]] || return 1
+  if ! uv="$(find_uv)"; then
+    log "no working uv: installing with pip (2 to 4 minutes on a fresh machine)"
+    return 1
+  fi
+  log "1/2 installing $TORCH_PINS and requirements/{base,test,export}.txt with $("$uv" --version)"
+  log "  (the registry's builds, which run on the CPU too: 4 GB to unpack, about a minute)"
+  uv_install "$uv" "$base/bin/python" "${PINS[@]}" $TORCH_PINS \
+    -r requirements/base.txt -r requirements/test.txt -r requirements/export.txt && return 0
+  log "uv failed: installing with pip (2 to 4 minutes on a fresh machine)"
+  return 1
+}
+
 build_base() {
-  local base="$1" start=$SECONDS uv
+  local base="$1" start=$SECONDS
   log "building the base environment in $base (torch, torchvision, detectron2; once per machine,"
   log "  later runs reuse it)"
   rm -rf "$base"
   "$PYTHON" -m venv "$base"
-  if uv="$(find_uv)" && log "1/2 installing $TORCH_PINS and requirements/{base,test,export}.txt with $("$uv" --version)" \
-      && log "  (the registry's builds, which run on the CPU too: 4 GB to unpack, about a minute)" \
-      && uv_install "$uv" "$base/bin/python" "${PINS[@]}" $TORCH_PINS \
-        -r requirements/base.txt -r requirements/test.txt -r requirements/export.txt; then
+  if install_base_packages_with_uv "$base"; then
     log "2/2 installing detectron2 ($((SECONDS - start)) s so far)"
   else
-    [[ "${SMCA_D2_INSTALLER:-uv}" == "pip" ]] || log "no working uv: installing with pip (2 to 4 minutes on a fresh machine)"
     log "1/3 installing $TORCH_PINS with pip (the registry's builds, which run on the CPU too)"
     "$base/bin/python" -m pip install "${PIP_QUIET[@]}" "${PINS[@]}" \
       $TORCH_PINS 2> >(grep -v "is ignored" >&2)
