@@ -1,10 +1,10 @@
 """Set-prediction losses for SMCA-DETR."""
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import box_convert
 from torchvision.ops import sigmoid_focal_loss as _torchvision_focal_loss
@@ -61,7 +61,8 @@ class SetCriterion(nn.Module):
         Args:
             num_classes: number of object classes, without background.
             matcher: module mapping ``(outputs, targets)`` to per-image ``(pred_idx, tgt_idx)``,
-                such as :class:`HungarianMatcher`.
+                such as :class:`HungarianMatcher`; its ``match_layers(logits, boxes, targets)``,
+                where it has one, matches all decoder layers in one call.
             weight_dict: weights of ``"loss_class"``, ``"loss_bbox"`` and ``"loss_giou"``.
                 Defaults to ``{"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}``.
             focal_alpha: alpha of the focal loss.
@@ -86,55 +87,59 @@ class SetCriterion(nn.Module):
             f"focal_alpha={self.focal_alpha}, focal_gamma={self.focal_gamma}"
         )
 
-    @staticmethod
-    def _src_permutation_idx(indices: List[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
-        """(batch index, query index) of every matched query, both [sum_i M_i] int64."""
-        batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
-        src_idx = torch.cat([src for src, _ in indices])
-        return batch_idx, src_idx
-
-    def loss_class(self, outputs, targets, indices, num_boxes) -> Tensor:
+    def loss_class(self, logits: Tensor, matched: "_Matched", num_boxes: float) -> Tensor:
         """Sigmoid focal loss against one-hot targets; unmatched queries are all-zero
         (background).
 
         Args:
-            outputs: dict with ``"pred_logits"`` [B, Q, C].
+            logits: [L, B, Q, C] class logits of L decoder layers.
+            matched: the matched queries and their targets.
 
         Returns:
-            Tensor: scalar loss.
+            Tensor: [L] loss of each layer.
         """
-        logits = outputs["pred_logits"]
         if logits.shape[-1] != self.num_classes:
             raise ValueError(f"SetCriterion expects {self.num_classes} class logits, got {logits.shape[-1]}.")
-        batch_idx, src_idx = self._src_permutation_idx(indices)
-        matched_labels = torch.cat([t["labels"][tgt].to(logits.device).long() for t, (_, tgt) in zip(targets, indices)])
         onehot = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
-        onehot[batch_idx.to(logits.device), src_idx.to(logits.device), matched_labels] = 1.0
-        return sigmoid_focal_loss(logits, onehot, num_boxes, alpha=self.focal_alpha, gamma=self.focal_gamma)
+        onehot[matched.layer, matched.image, matched.query, matched.labels] = 1.0
+        # One layer at a time: the elementwise kernels then see the tensors of one layer alone and
+        # round exactly as they do without the other layers (the vectorized loops' remainders
+        # depend on the number of elements).
+        per_layer = [
+            sigmoid_focal_loss(layer_logits, layer_onehot, num_boxes, alpha=self.focal_alpha, gamma=self.focal_gamma)
+            for layer_logits, layer_onehot in zip(logits, onehot)
+        ]
+        return torch.stack(per_layer)
 
-    def loss_boxes(self, outputs, targets, indices, num_boxes) -> Dict[str, Tensor]:
+    def loss_boxes(self, boxes: Tensor, matched: "_Matched", num_boxes: float) -> Tensor:
         """L1 and ``1 - GIoU`` losses of the matched boxes, summed and divided by ``num_boxes``.
 
         Args:
-            outputs: dict with ``"pred_boxes"`` [B, Q, 4] normalized ``(cx, cy, w, h)``.
+            boxes: [L, B, Q, 4] normalized ``(cx, cy, w, h)`` boxes of L decoder layers.
+            matched: the matched queries and their targets.
 
         Returns:
-            dict[str, Tensor]: scalar ``"loss_bbox"`` and ``"loss_giou"``.
+            Tensor: [L, 2] L1 and GIoU loss of each layer. Without any matched box they are
+            zero, but still depend on ``boxes``, so that DDP sees every parameter take part in
+            the backward pass.
         """
-        pred_boxes = outputs["pred_boxes"]
-        batch_idx, src_idx = self._src_permutation_idx(indices)
-        if src_idx.numel() == 0:
-            # No matched box in the batch: the losses are zero, but must still depend on
-            # pred_boxes so that DDP sees every parameter take part in the backward pass.
-            zero = pred_boxes.float().sum() * 0.0
-            return {"loss_bbox": zero, "loss_giou": zero.clone()}
-
-        src = pred_boxes[batch_idx.to(pred_boxes.device), src_idx.to(pred_boxes.device)].float()
-        tgt = torch.cat([t["boxes"][j].to(device=src.device) for t, (_, j) in zip(targets, indices)]).float()
-        loss_bbox = F.l1_loss(src, tgt, reduction="sum") / num_boxes
+        src = boxes[matched.layer, matched.image, matched.query].float()
+        tgt = matched.boxes.float()
+        l1 = (src - tgt).abs()
         giou = elementwise_generalized_box_iou(box_convert(src, "cxcywh", "xyxy"), box_convert(tgt, "cxcywh", "xyxy"))
-        loss_giou = (1 - giou).sum() / num_boxes
-        return {"loss_bbox": loss_bbox, "loss_giou": loss_giou}
+        # The matches are in layer order: each layer's are one run of rows, summed on its own.
+        per_layer = [
+            torch.stack([layer_l1.sum(), (1 - layer_giou).sum()])
+            for layer_l1, layer_giou in zip(l1.split(matched.per_layer), giou.split(matched.per_layer))
+        ]
+        return torch.stack(per_layer) / num_boxes
+
+    def _match_layers(self, logits: Tensor, boxes: Tensor, targets: List[Dict[str, Tensor]]):
+        """The matcher's ``match_layers``, or its forward once per layer for a matcher without one."""
+        match_layers = getattr(self.matcher, "match_layers", None)
+        if match_layers is not None:
+            return match_layers(logits, boxes, targets)
+        return [self.matcher({"pred_logits": lo, "pred_boxes": bo}, targets) for lo, bo in zip(logits, boxes)]
 
     def _num_boxes(self, targets: List[Dict[str, Tensor]], device: torch.device) -> float:
         """Average number of target boxes per process, at least 1."""
@@ -144,12 +149,6 @@ class SetCriterion(nn.Module):
             dist.all_reduce(num_boxes)
             world_size = dist.get_world_size()
         return torch.clamp(num_boxes / world_size, min=1).item()
-
-    def _weighted_losses(self, outputs, targets, num_boxes, suffix: str) -> Dict[str, Tensor]:
-        indices = self.matcher(outputs, targets)
-        losses = {"loss_class": self.loss_class(outputs, targets, indices, num_boxes)}
-        losses.update(self.loss_boxes(outputs, targets, indices, num_boxes))
-        return {k + suffix: v * self.weight_dict[k] for k, v in losses.items()}
 
     def forward(self, outputs: Dict[str, Tensor], targets: List[Dict[str, Tensor]]) -> Dict[str, Tensor]:
         """
@@ -167,8 +166,56 @@ class SetCriterion(nn.Module):
             ``loss_giou``, plus ``loss_class_i``, ``loss_bbox_i``, ``loss_giou_i`` for each
             auxiliary output ``i``.
         """
-        num_boxes = self._num_boxes(targets, outputs["pred_logits"].device)
-        losses = self._weighted_losses(outputs, targets, num_boxes, suffix="")
-        for i, aux_outputs in enumerate(outputs.get("aux_outputs") or []):
-            losses.update(self._weighted_losses(aux_outputs, targets, num_boxes, suffix=f"_{i}"))
+        layers = [*(outputs.get("aux_outputs") or []), outputs]
+        # All decoder layers together, as [L, B, Q, ...] tensors: the matches handed to the losses
+        # in one set of index tensors, the box losses of all layers computed at once; the same
+        # values, to the bit, as one layer at a time.
+        logits = torch.stack([layer["pred_logits"] for layer in layers])
+        boxes = torch.stack([layer["pred_boxes"] for layer in layers])
+        num_boxes = self._num_boxes(targets, logits.device)
+        matched = _Matched.gather(self._match_layers(logits, boxes, targets), targets, logits.device)
+        class_loss = self.loss_class(logits, matched, num_boxes)
+        weighted = torch.cat([class_loss[:, None], self.loss_boxes(boxes, matched, num_boxes)], dim=1)
+        weighted = weighted * weighted.new_tensor([self.weight_dict[name] for name in _LOSS_NAMES])
+        # The last layer's losses first, then the auxiliary layers' in order (as DETR logs them).
+        rows = weighted.unbind(0)
+        suffixes = [""] + [f"_{i}" for i in range(len(layers) - 1)]
+        losses = {}
+        for suffix, row in zip(suffixes, rows[-1:] + rows[:-1]):
+            losses.update({name + suffix: value for name, value in zip(_LOSS_NAMES, row.unbind(0))})
         return losses
+
+
+class _Matched(NamedTuple):
+    """The matched queries of all decoder layers, one entry per match, in layer order: the query
+    ``(layer, image, query)`` is matched to a target with class ``labels`` and box ``boxes``;
+    ``per_layer`` counts the matches of each layer."""
+
+    per_layer: List[int]
+    layer: Tensor
+    image: Tensor
+    query: Tensor
+    labels: Tensor
+    boxes: Tensor
+
+    @classmethod
+    def gather(cls, matches: List[List[Tuple[Tensor, Tensor]]], targets: List[Dict[str, Tensor]], device):
+        """From the matcher's per-layer, per-image ``(pred_idx, tgt_idx)`` pairs, with index
+        arrays built on the host and the targets gathered by one indexing of the batch's."""
+        sizes = [len(t["labels"]) for t in targets]
+        offsets = np.cumsum([0] + sizes[:-1])
+        pairs = [
+            (layer, image, src, tgt)
+            for layer, per_image in enumerate(matches)
+            for image, (src, tgt) in enumerate(per_image)
+        ]
+        counts = [len(src) for _, _, src, _ in pairs]
+        layer_idx = np.repeat([p[0] for p in pairs], counts)
+        image_idx = np.repeat([p[1] for p in pairs], counts)
+        query_idx = np.concatenate([src.cpu().numpy() for _, _, src, _ in pairs])
+        target_idx = np.concatenate([tgt.cpu().numpy() + offsets[image] for _, image, _, tgt in pairs])
+        index = torch.from_numpy(np.stack([layer_idx, image_idx, query_idx, target_idx]).astype(np.int64)).to(device)
+        labels = torch.cat([t["labels"] for t in targets]).to(device=device, dtype=torch.int64)
+        boxes = torch.cat([t["boxes"] for t in targets]).to(device)
+        per_layer = [sum(len(src) for src, _ in per_image) for per_image in matches]
+        return cls(per_layer, index[0], index[1], index[2], labels[index[3]], boxes[index[3]])

@@ -113,38 +113,62 @@ class HungarianMatcher(nn.Module):
         Raises:
             ValueError: if the batch sizes disagree or a cost is NaN or infinite.
         """
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
-        if len(targets) != logits.shape[0]:
+        (indices,) = self.match_layers(outputs["pred_logits"][None], outputs["pred_boxes"][None], targets)
+        return indices
+
+    @torch.no_grad()
+    def match_layers(self, logits: Tensor, boxes: Tensor, targets: List[Dict[str, Tensor]]):
+        """Match the predictions of several decoder layers to the same targets, each layer and
+        image on its own, as :meth:`forward` does for one layer.
+
+        Args:
+            logits: [L, B, Q, C] sigmoid classification logits of L decoder layers.
+            boxes: [L, B, Q, 4] normalized ``(cx, cy, w, h)`` boxes.
+            targets: B dicts as in :meth:`forward`.
+
+        Returns:
+            list[list[tuple[Tensor, Tensor]]]: for each layer, what :meth:`forward` returns.
+        """
+        num_layers, num_images, num_queries = logits.shape[:3]
+        if len(targets) != num_images:
             raise ValueError(
-                f"HungarianMatcher got {logits.shape[0]} images of predictions but {len(targets)} target dicts."
+                f"HungarianMatcher got {num_images} images of predictions but {len(targets)} target dicts."
             )
 
         empty = torch.empty(0, dtype=torch.int64)
         sizes = [len(t["labels"]) for t in targets]
         if not sum(sizes):
-            return [(empty, empty) for _ in targets]
-        # The costs of every query against every target of the batch in one matrix (a few large
-        # operations instead of many small ones per image; the entries are the same), copied to
-        # the host once; each image keeps the block of its own targets.
-        batch_cost = self._cost_matrix(
-            logits.flatten(0, 1),
-            boxes.flatten(0, 1),
-            torch.cat([t["labels"] for t in targets]),
-            torch.cat([t["boxes"] for t in targets]),
-        )
-        blocks = batch_cost.view(logits.shape[0], logits.shape[1], -1).cpu().split(sizes, -1)
+            return [[(empty, empty) for _ in targets] for _ in range(num_layers)]
+        # The costs of every query against every target of the batch in one matrix per layer (a
+        # few large operations instead of many small ones per image; the entries are the same),
+        # copied to the host once; each image keeps the block of its own targets. Per layer, not
+        # all layers in one matrix: the elementwise kernels' rounding depends on the number of
+        # elements, and one layer's costs are then exactly those of that layer matched alone.
+        tgt_labels = torch.cat([t["labels"] for t in targets])
+        tgt_boxes = torch.cat([t["boxes"] for t in targets])
+        batch_cost = torch.stack(
+            [
+                self._cost_matrix(layer_logits.flatten(0, 1), layer_boxes.flatten(0, 1), tgt_labels, tgt_boxes)
+                for layer_logits, layer_boxes in zip(logits, boxes)
+            ]
+        ).cpu()
+        all_finite = bool(torch.isfinite(batch_cost).all())
+        blocks = batch_cost.view(num_layers, num_images, num_queries, -1).split(sizes, -1)
 
-        indices = []
-        for i, (size, block) in enumerate(zip(sizes, blocks)):
-            if size == 0:
-                indices.append((empty, empty))
-                continue
-            cost = block[i]
-            if not torch.isfinite(cost).all():
-                raise ValueError(self._describe_non_finite(i, logits[i], boxes[i], targets[i]))
-            rows, cols = linear_sum_assignment(cost.numpy())
-            indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
-        return indices
+        matches = []
+        for layer in range(num_layers):
+            indices = []
+            for i, (size, block) in enumerate(zip(sizes, blocks)):
+                if size == 0:
+                    indices.append((empty, empty))
+                    continue
+                cost = block[layer, i]
+                if not all_finite and not torch.isfinite(cost).all():
+                    raise ValueError(self._describe_non_finite(i, logits[layer, i], boxes[layer, i], targets[i]))
+                rows, cols = linear_sum_assignment(cost.numpy())
+                indices.append((torch.from_numpy(rows).long(), torch.from_numpy(cols).long()))
+            matches.append(indices)
+        return matches
 
     @staticmethod
     def _describe_non_finite(i: int, logits: Tensor, boxes: Tensor, target: Dict[str, Tensor]):

@@ -189,6 +189,30 @@ def test_matcher_batch_equals_one_image_at_a_time():
         assert len(batched[i][0]) == len(target["labels"])
 
 
+def test_matcher_match_layers_equals_one_layer_at_a_time():
+    """All layers' costs in one matrix: each layer gets the matches it would get alone."""
+    g = torch.Generator().manual_seed(4)
+    layers = [_random_outputs(g, 3, 9, 4) for _ in range(3)]
+    targets = [_random_target(g, n, 4) for n in (2, 0, 5)]
+    logits = torch.stack([o["pred_logits"] for o in layers])
+    boxes = torch.stack([o["pred_boxes"] for o in layers])
+    matches = HungarianMatcher().match_layers(logits, boxes, targets)
+    assert len(matches) == 3
+    for layer, outputs in zip(matches, layers):
+        alone = HungarianMatcher()(outputs, targets)
+        for (p, t), (p_alone, t_alone) in zip(layer, alone):
+            assert torch.equal(p, p_alone) and torch.equal(t, t_alone)
+
+
+def test_matcher_non_finite_cost_in_one_layer_names_the_image():
+    outputs, target = _permuted_case()
+    logits = torch.stack([outputs["pred_logits"]] * 2)
+    logits[1, 0, 1, 0] = float("nan")
+    boxes = torch.stack([outputs["pred_boxes"]] * 2)
+    with pytest.raises(ValueError, match="image 0.*NaN or inf.*pred_logits"):
+        HungarianMatcher().match_layers(logits, boxes, [target])
+
+
 def _brute_force_minimum(cost):
     num_queries, num_targets = cost.shape
     if num_targets <= num_queries:
@@ -325,6 +349,44 @@ def test_criterion_aux_outputs_are_matched_separately():
     losses = _criterion()(dict(outputs, aux_outputs=[aux]), [target])
     assert losses["loss_bbox_0"].item() == 0.0
     torch.testing.assert_close(losses["loss_class_0"], losses["loss_class"])
+
+
+def test_criterion_layers_scored_together_equal_each_layer_alone():
+    """The layers are matched and scored in one pass: each layer's losses are those the
+    criterion gives that layer as the only output."""
+    g = torch.Generator().manual_seed(5)
+    final, aux0, aux1 = (_random_outputs(g, 3, 6, 3) for _ in range(3))
+    targets = [_random_target(g, 2, 3), _target([], []), _random_target(g, 4, 3)]
+    losses = _criterion()(dict(final, aux_outputs=[aux0, aux1]), targets)
+    for suffix, outputs in (("", final), ("_0", aux0), ("_1", aux1)):
+        alone = _criterion()(outputs, targets)
+        for name, value in alone.items():
+            torch.testing.assert_close(losses[name + suffix], value, rtol=1e-6, atol=1e-6)
+
+
+def test_criterion_with_a_matcher_without_match_layers():
+    """A matcher with only the documented ``forward(outputs, targets)`` is called once per layer."""
+
+    class ForwardOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = HungarianMatcher()
+            self.calls = 0
+
+        def forward(self, outputs, targets):
+            self.calls += 1
+            return self.inner(outputs, targets)
+
+    g = torch.Generator().manual_seed(6)
+    outputs = dict(_random_outputs(g, 2, 5, 3), aux_outputs=[_random_outputs(g, 2, 5, 3)])
+    targets = [_random_target(g, 2, 3), _random_target(g, 3, 3)]
+    matcher = ForwardOnly()
+    losses = SetCriterion(num_classes=3, matcher=matcher)(outputs, targets)
+    assert matcher.calls == 2
+    expected = _criterion()(outputs, targets)
+    assert set(losses) == set(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(losses[name], value)
 
 
 def test_criterion_gradients_flow():
