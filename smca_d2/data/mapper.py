@@ -10,6 +10,7 @@ from PIL import Image
 from detectron2.data import DatasetMapper
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.structures import Boxes, BoxMode, Instances
 
 from .images import read_image
 
@@ -59,8 +60,34 @@ class RobustDatasetMapper(DatasetMapper):
             self._image_cache_used += image.nbytes
         return image
 
+    def _boxes_only(self, dataset_dict) -> bool:
+        """Whether only the boxes and classes of the annotations are used (or none, at test time):
+        then the boxes are transformed together (one ``apply_box`` per image) and the record is
+        not deep-copied."""
+        return (
+            not (self.use_instance_mask or self.use_keypoint or self.recompute_boxes)
+            and self.proposal_topk is None
+            and "sem_seg_file_name" not in dataset_dict
+        )
+
+    def _transform_box_annotations(self, dataset_dict, transforms, image_shape):
+        """What detectron2's ``_transform_annotations`` gives for boxes and classes (crowd boxes
+        left out, the others converted to XYXY one by one, transformed, clipped to the image and
+        the empty ones dropped), with the transforms applied to all boxes of the image at once."""
+        annos = [a for a in dataset_dict.pop("annotations") if a.get("iscrowd", 0) == 0]
+        boxes = np.array([BoxMode.convert(a["bbox"], a["bbox_mode"], BoxMode.XYXY_ABS) for a in annos]).reshape(-1, 4)
+        height, width = image_shape
+        boxes = np.minimum(transforms.apply_box(boxes).clip(min=0), [width, height, width, height])
+        instances = Instances(image_shape)
+        instances.gt_boxes = Boxes(boxes)
+        instances.gt_classes = torch.tensor([int(a["category_id"]) for a in annos], dtype=torch.int64)
+        dataset_dict["instances"] = utils.filter_empty_instances(instances)
+
     def __call__(self, dataset_dict):
-        dataset_dict = copy.deepcopy(dataset_dict)
+        boxes_only = self._boxes_only(dataset_dict)
+        # With boxes only, nothing below changes a value of the record in place: a new dict is
+        # enough.
+        dataset_dict = dict(dataset_dict) if boxes_only else copy.deepcopy(dataset_dict)
         try:
             image = self._read_checked_image(dataset_dict)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -85,5 +112,8 @@ class RobustDatasetMapper(DatasetMapper):
             dataset_dict.pop("sem_seg_file_name", None)
             return dataset_dict
         if "annotations" in dataset_dict:
-            self._transform_annotations(dataset_dict, transforms, image_shape)
+            if boxes_only:
+                self._transform_box_annotations(dataset_dict, transforms, image_shape)
+            else:
+                self._transform_annotations(dataset_dict, transforms, image_shape)
         return dataset_dict

@@ -128,3 +128,59 @@ def test_image_cache_reads_each_file_once_and_gives_the_same_results(record, mon
     assert reads == [record["file_name"]] * 2
     with pytest.raises(ValueError, match="image_cache_mb"):
         RobustDatasetMapper(is_train=True, augmentations=augs, image_format="RGB", image_cache_mb=-1)
+
+
+@pytest.mark.parametrize(
+    "augmentations",
+    [
+        [T.RandomFlip(prob=1.0, horizontal=True)],
+        [FixedCrop(0, 0, 120, 100)],
+        [T.Resize((150, 220))],
+        [T.RandomFlip(prob=1.0, horizontal=False, vertical=True), T.Resize((90, 130))],
+    ],
+    ids=["hflip", "crop", "resize", "vflip+resize"],
+)
+@pytest.mark.parametrize("as_floats", [False, True], ids=["int-boxes", "float-boxes"])
+def test_box_only_mapping_equals_detectron2s(record, augmentations, as_floats):
+    """The boxes of an image transformed at once (no masks, no keypoints) give exactly what
+    detectron2's DatasetMapper gives box by box, XYWH boxes and crowd ones included, and the
+    record given to the mapper is left as it was."""
+    import copy
+
+    from smca_d2.data import RobustDatasetMapper
+
+    record["annotations"].append(
+        {"bbox": [150, 30, 40, 25], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 0, "iscrowd": 0}
+    )
+    if as_floats:
+        for anno in record["annotations"]:
+            anno["bbox"] = [v + 0.3 for v in anno["bbox"]]
+    before = copy.deepcopy(record)
+    ours = RobustDatasetMapper(is_train=True, augmentations=augmentations, image_format="RGB")
+    theirs = DatasetMapper(is_train=True, augmentations=augmentations, image_format="RGB")
+    assert ours._boxes_only(record)
+    out, expected = ours(record), theirs(copy.deepcopy(record))
+    assert record == before
+    torch.testing.assert_close(out["image"], expected["image"], rtol=0, atol=0)
+    assert out["instances"].image_size == expected["instances"].image_size
+    assert out["instances"].get_fields().keys() == expected["instances"].get_fields().keys()
+    torch.testing.assert_close(out["instances"].gt_boxes.tensor, expected["instances"].gt_boxes.tensor, rtol=0, atol=0)
+    assert torch.equal(out["instances"].gt_classes, expected["instances"].gt_classes)
+    assert set(out) == set(expected)
+
+
+def test_mapping_with_masks_still_copies_the_record(record):
+    """With instance masks the record goes through detectron2's own (deep-copying) path."""
+    from smca_d2.data import RobustDatasetMapper
+
+    for anno in record["annotations"]:
+        x0, y0, x1, y1 = anno["bbox"]
+        anno["segmentation"] = [[x0, y0, x1, y0, x1, y1, x0, y1]]
+    mapper = RobustDatasetMapper(
+        is_train=True, augmentations=[T.RandomFlip(prob=1.0)], image_format="RGB", use_instance_mask=True
+    )
+    assert not mapper._boxes_only(record)
+    segmentation = [list(p) for p in record["annotations"][0]["segmentation"]]
+    out = mapper(record)
+    assert out["instances"].has("gt_masks")
+    assert record["annotations"][0]["segmentation"] == segmentation
