@@ -352,16 +352,28 @@ def test_criterion_aux_outputs_are_matched_separately():
 
 
 def test_criterion_layers_scored_together_equal_each_layer_alone():
-    """The layers are matched and scored in one pass: each layer's losses are those the
-    criterion gives that layer as the only output."""
+    """The layers are matched and scored in one pass: each layer's losses and gradients are, to
+    the bit, those the criterion gives that layer as the only output (so training computes what
+    it computed when the layers were scored one by one)."""
     g = torch.Generator().manual_seed(5)
-    final, aux0, aux1 = (_random_outputs(g, 3, 6, 3) for _ in range(3))
-    targets = [_random_target(g, 2, 3), _target([], []), _random_target(g, 4, 3)]
-    losses = _criterion()(dict(final, aux_outputs=[aux0, aux1]), targets)
-    for suffix, outputs in (("", final), ("_0", aux0), ("_1", aux1)):
-        alone = _criterion()(outputs, targets)
+    layers = [_random_outputs(g, 8, 30, 5) for _ in range(3)]
+    targets = [_random_target(g, n, 5) for n in (2, 0, 4, 7, 1, 3, 5, 6)]
+
+    def leaves():
+        return [{k: v.clone().requires_grad_() for k, v in layer.items()} for layer in layers]
+
+    together = leaves()
+    aux0, aux1, final = together
+    losses = _criterion(num_classes=5)(dict(final, aux_outputs=[aux0, aux1]), targets)
+    assert list(losses)[:3] == ["loss_class", "loss_bbox", "loss_giou"]  # the last layer's first
+    sum(losses.values()).backward()
+    for suffix, outputs, scored in zip(("_0", "_1", ""), leaves(), together):
+        alone = _criterion(num_classes=5)(outputs, targets)
+        sum(alone.values()).backward()
         for name, value in alone.items():
-            torch.testing.assert_close(losses[name + suffix], value, rtol=1e-6, atol=1e-6)
+            assert torch.equal(losses[name + suffix], value), name + suffix
+        for key in ("pred_logits", "pred_boxes"):
+            assert torch.equal(scored[key].grad, outputs[key].grad), key + suffix
 
 
 def test_criterion_with_a_matcher_without_match_layers():
