@@ -244,6 +244,9 @@ def test_convergence_end_to_end(tmp_path):
         str(out),
         "train.max_iter=4",
         "train.eval_period=2",
+        # metrics.json gets the latest value of each metric at each write: with writes less often
+        # than evaluations (the config's log_period is 50), evaluations would be left out.
+        "train.log_period=1",
         "dataloader.train.total_batch_size=2",
         "dataloader.train.num_workers=0",
         "dataloader.test.num_workers=0",
