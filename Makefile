@@ -4,6 +4,12 @@
 PYTHON ?= python3
 VENV_PY := .venv/bin/python
 PYTEST_ARGS ?=
+# make test runs the tests in this many pytest-xdist worker processes (0: in one process). Two
+# keep both cores of a 2-core machine busy while the other worker's test starts a process (most of
+# a train_net.py test is interpreter and import time, on one core); each worker gets its share
+# of the cores as torch threads (tests/conftest.py).
+TEST_WORKERS ?= 2
+XDIST = -n $(TEST_WORKERS) --dist worksteal
 
 .PHONY: install demo test test-fast test-long lint clean
 
@@ -23,7 +29,7 @@ demo: install
 # benchmarks and the end-to-end runs of every derived config, which `make test` covers in a
 # smaller form).
 test: install lint
-	$(VENV_PY) -m pytest tests -m "not long" $(PYTEST_ARGS)
+	$(VENV_PY) -m pytest tests -m "not long" $(XDIST) $(PYTEST_ARGS)
 
 lint: install
 	$(VENV_PY) -m ruff check .
@@ -31,7 +37,7 @@ lint: install
 
 # Unit tests only.
 test-fast: install
-	$(VENV_PY) -m pytest tests -m "not slow and not long" $(PYTEST_ARGS)
+	$(VENV_PY) -m pytest tests -m "not slow and not long" $(XDIST) $(PYTEST_ARGS)
 
 # The long runs only (minutes each on a CPU).
 test-long: install

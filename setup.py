@@ -70,8 +70,8 @@ setup(
     extras_require={
         "plots": ["matplotlib"],
         "export": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"],
-        "test": ["pytest>=7", "hypothesis>=6", "matplotlib"],
-        "dev": ["pytest>=7", "hypothesis>=6", "matplotlib", "ruff>=0.6"],
+        "test": ["pytest>=7", "pytest-xdist>=3.2", "hypothesis>=6", "matplotlib"],
+        "dev": ["pytest>=7", "pytest-xdist>=3.2", "hypothesis>=6", "matplotlib", "ruff>=0.6"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -4,11 +4,17 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Two threads per test process on the 2-core CI machines; `make test` runs the tests in two
+# pytest-xdist workers, so each worker (and each process that its tests start, which inherit
+# OMP_NUM_THREADS) gets its share of the cores, not all of them.
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, 2 // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
-import smca_d2  # noqa: F401  (applies the detectron2 compatibility fixes first)
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # torch, imported above, did not see it
+
+import smca_d2  # noqa: E402, F401  (applies the detectron2 compatibility fixes first)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -252,7 +252,7 @@ def test_convergence_end_to_end(tmp_path):
         "dataloader.test.num_workers=0",
         "model.transformer.decoder.num_layers=2",
     ]
-    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "data"), OMP_NUM_THREADS="2")
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "data"))
     run = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     report = json.loads((out / "convergence.json").read_text())

@@ -196,7 +196,7 @@ def test_benchmark_tool_writes_a_table_and_json(tmp_path):
         "dataloader.test.num_workers=0",
         "model.transformer.decoder.num_layers=2",
     ]
-    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "data"), OMP_NUM_THREADS="2")
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "data"))
     run = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "| inference images/s |" in run.stdout and "| training iterations/s" in run.stdout

@@ -22,7 +22,7 @@ def run_train_net(tmp_path, *args, check=True, size_jitter=32):
     data = tmp_path / "data"
     if not data.exists():
         make_synthetic_coco(str(data / "synthetic"), num_train=8, num_val=4, seed=1, size_jitter=size_jitter)
-    env = dict(os.environ, DETECTRON2_DATASETS=str(data), OMP_NUM_THREADS="2")
+    env = dict(os.environ, DETECTRON2_DATASETS=str(data))
     if "--config-file" not in args:
         args = ("--config-file", CONFIG, *args)
     cmd = [sys.executable, os.path.join(REPO, "train_net.py"), *args]

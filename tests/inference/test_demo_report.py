@@ -56,7 +56,7 @@ def test_next_commands_name_this_run():
 
 
 def _report(tmp_path, *args):
-    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "data"), OMP_NUM_THREADS="2")
+    env = dict(os.environ, DETECTRON2_DATASETS=str(tmp_path / "data"))
     cmd = [sys.executable, os.path.join(REPO, "tools", "demo_report.py"), "--config-file", DEMO, *args]
     return subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True)
 
