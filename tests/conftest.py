@@ -12,7 +12,7 @@ from PIL import Image
 # OMP_NUM_THREADS) gets its share of the cores, not all of them.
 os.environ.setdefault("OMP_NUM_THREADS", str(max(1, 2 // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))))
 
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # torch, imported above, did not see it
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))  # torch was imported before it was set
 
 import smca_d2  # noqa: E402, F401  (applies the detectron2 compatibility fixes first)
 
