@@ -3,6 +3,7 @@
 from .attention import SpatiallyModulatedCoAttention, gaussian_log_weights
 from .criterion import SetCriterion, sigmoid_focal_loss
 from .decoder import SMCA_DECODER_REGISTRY, DecoderLayer, SMCADecoder
+from .denoising import DenoisingQueries
 from .encoder import SMCA_ENCODER_REGISTRY, ConvMultiScaleEncoder, DecoderLevels, MultiScaleEncoder, SingleScaleEncoder
 from .matcher import HungarianMatcher
 from .meta_arch import SMCADETR
@@ -23,6 +24,7 @@ __all__ = [
     "SpatiallyModulatedCoAttention",
     "gaussian_log_weights",
     "PositionEmbeddingSine",
+    "DenoisingQueries",
     "HungarianMatcher",
     "SetCriterion",
     "sigmoid_focal_loss",

@@ -175,15 +175,57 @@ class SetCriterion(nn.Module):
         num_boxes = self._num_boxes(targets, logits.device)
         matched = _Matched.gather(self._match_layers(logits, boxes, targets), targets, logits.device)
         class_loss = self.loss_class(logits, matched, num_boxes)
-        weighted = torch.cat([class_loss[:, None], self.loss_boxes(boxes, matched, num_boxes)], dim=1)
-        weighted = weighted * weighted.new_tensor([self.weight_dict[name] for name in _LOSS_NAMES])
-        # The last layer's losses first, then the auxiliary layers' in order (as DETR logs them).
-        rows = weighted.unbind(0)
-        suffixes = [""] + [f"_{i}" for i in range(len(layers) - 1)]
-        losses = {}
-        for suffix, row in zip(suffixes, rows[-1:] + rows[:-1]):
-            losses.update({name + suffix: value for name, value in zip(_LOSS_NAMES, row.unbind(0))})
+        losses = self._named(torch.cat([class_loss[:, None], self.loss_boxes(boxes, matched, num_boxes)], dim=1))
+        if outputs.get("denoising") is not None:
+            losses.update(self.denoising_losses(outputs["denoising"], num_boxes))
         return losses
+
+    def denoising_losses(self, dn: Dict, num_boxes: float) -> Dict[str, Tensor]:
+        """The losses of denoising queries (see :mod:`smca_d2.modeling.denoising`): each query's
+        class and box against the target it was made from, with the weights of the matched
+        queries' losses, divided by ``num_boxes`` times the number of groups (so that each group
+        weighs as much as the object queries).
+
+        Args:
+            dn: the ``"denoising"`` outputs of :meth:`SMCADETR.forward_outputs`: ``pred_logits``
+                [L, B, D, C], ``pred_boxes`` [L, B, D, 4], the targets ``labels`` [B, D],
+                ``boxes`` [B, D, 4], ``valid`` [B, D] and ``num_groups``.
+
+        Returns:
+            dict[str, Tensor]: ``loss_class_dn``, ``loss_bbox_dn``, ``loss_giou_dn`` of the last
+            layer, and with the suffix ``_i`` those of the earlier layer ``i``.
+        """
+        image, query = dn["valid"].nonzero(as_tuple=True)
+        logits = dn["pred_logits"][:, image, query].float()  # [L, N, C]
+        onehot = torch.zeros_like(logits)
+        onehot[:, torch.arange(len(image), device=logits.device), dn["labels"][image, query]] = 1.0
+        src = dn["pred_boxes"][:, image, query].float()  # [L, N, 4]
+        tgt = dn["boxes"][image, query].float().expand_as(src)
+        l1 = (src - tgt).abs().sum(dim=(1, 2))
+        giou = elementwise_generalized_box_iou(
+            box_convert(src, "cxcywh", "xyxy").flatten(0, 1), box_convert(tgt, "cxcywh", "xyxy").flatten(0, 1)
+        )
+        giou_loss = (1 - giou).view(src.shape[:2]).sum(dim=1)
+        normalizer = num_boxes * dn["num_groups"]
+        class_loss = torch.stack(
+            [
+                sigmoid_focal_loss(lo, oh, normalizer, alpha=self.focal_alpha, gamma=self.focal_gamma)
+                for lo, oh in zip(logits, onehot)
+            ]
+        )
+        return self._named(torch.stack([class_loss, l1 / normalizer, giou_loss / normalizer], dim=1), "_dn")
+
+    def _named(self, losses: Tensor, tag: str = "") -> Dict[str, Tensor]:
+        """[L, 3] losses of L decoder layers (class, L1, GIoU), before their weights, as the weighted losses
+        named ``loss_class{tag}`` ... for the last layer, then ``loss_class{tag}_{i}`` ... for the
+        earlier layers in order (as DETR logs them)."""
+        weighted = losses * losses.new_tensor([self.weight_dict[name] for name in _LOSS_NAMES])
+        rows = weighted.unbind(0)
+        suffixes = [tag] + [f"{tag}_{i}" for i in range(len(rows) - 1)]
+        named = {}
+        for suffix, row in zip(suffixes, rows[-1:] + rows[:-1]):
+            named.update({name + suffix: value for name, value in zip(_LOSS_NAMES, row.unbind(0))})
+        return named
 
 
 class _Matched(NamedTuple):

@@ -1,6 +1,6 @@
 """SMCA's decoder: DETR decoder layers whose cross-attention is spatially modulated."""
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +15,9 @@ from .attention import (
     scale_channels,
     split_padding_mask,
 )
+
+if TYPE_CHECKING:  # modeling.denoising imports this module
+    from .denoising import DenoisingBatch
 
 SMCA_DECODER_REGISTRY = Registry("SMCA_DECODER")
 SMCA_DECODER_REGISTRY.__doc__ = "Transformer decoders of SMCA-DETR (called with keyword args)."
@@ -136,6 +139,8 @@ class DecoderLayer(nn.Module):
         image_wh,
         betas: Sequence[float],
         ref: Optional[torch.Tensor] = None,
+        self_attn_mask: Optional[torch.Tensor] = None,
+        given_ref_logit: Optional[torch.Tensor] = None,
     ):
         """
         Args:
@@ -146,21 +151,28 @@ class DecoderLayer(nn.Module):
             image_wh: float [B, 2], unpadded (width, height) of each image.
             betas: per level, the Gaussian bandwidth.
             ref: [B, Q, 2] normalized centers from the first layer (None in the first layer).
+            self_attn_mask: bool [B * nhead, Q, Q], True where a query may not attend to a key
+                (denoising queries in training), or None.
+            given_ref_logit: [B, D, 2] the center logits of the last D queries (denoising
+                queries), used by the first layer instead of its center head's; or None.
 
         Returns:
             (tgt [B, Q, C], ref_logit [B, Q, 2] or None, ref [B, Q, 2])
         """
         out = self.modulation_norm(tgt + query_pos) if self.modulation_norm is not None else None
         q = k = tgt + query_pos
-        tgt2 = self.self_attn(q, k, tgt, need_weights=False)[0]
+        tgt2 = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
         tgt = self.norm1(tgt + self.dropout1(tgt2))
 
         ref_logit = None
         if self.center_head is not None:
             # In float32 under autocast too: the center places the Gaussian and, through the
             # reference logit, the predicted box (see SMCADETR.forward_outputs).
+            predicted = out if given_ref_logit is None else out[:, : out.shape[1] - given_ref_logit.shape[1]]
             with torch.autocast(device_type=out.device.type, enabled=False):
-                ref_logit = self.center_head(out.float())
+                ref_logit = self.center_head(predicted.float())
+            if given_ref_logit is not None:
+                ref_logit = torch.cat([ref_logit, given_ref_logit.float()], dim=1)
             ref = ref_logit.sigmoid()
         biases = self._attention_biases(out, ref, key_padding_masks, level_shapes, level_strides, image_wh, betas)
         level_weights = self.scale_selection(out).softmax(-1) if self.scale_selection is not None else None
@@ -241,6 +253,7 @@ class SMCADecoder(nn.Module):
         level_shapes: List[Tuple[int, int]],
         level_strides: List[int],
         image_wh,
+        denoising: Optional["DenoisingBatch"] = None,
     ):
         """
         Args:
@@ -249,16 +262,24 @@ class SMCADecoder(nn.Module):
             key_padding_mask: bool [B, S], True on padded cells, or None (no padding).
             level_shapes, level_strides: per level (H_l, W_l) and stride.
             image_wh: float [B, 2] unpadded image (width, height).
+            denoising: training only, a :class:`~smca_d2.modeling.denoising.DenoisingBatch`
+                whose D queries follow the Q object queries; or None.
 
         Returns:
-            hs: [num_layers, B, Q, C] normalized outputs of every layer.
-            ref_logit: [B, Q, 2] the centers' logits (inverse sigmoid of normalized x, y).
+            hs: [num_layers, B, Q (+ D), C] normalized outputs of every layer.
+            ref_logit: [B, Q (+ D), 2] the centers' logits (inverse sigmoid of normalized x, y).
         """
         if len(level_shapes) != self.num_levels:
             raise ValueError(f"decoder built for {self.num_levels} levels, got {len(level_shapes)}")
         masks = split_padding_mask(key_padding_mask, [h * w for h, w in level_shapes])
         memory_with_pos = memory + pos
         tgt = torch.zeros_like(query_pos)
+        self_attn_mask = given_ref_logit = None
+        if denoising is not None:
+            query_pos = torch.cat([query_pos, denoising.pos.to(query_pos.dtype)], dim=1)
+            tgt = torch.cat([tgt, denoising.content.to(tgt.dtype)], dim=1)
+            self_attn_mask = denoising.self_attn_mask.repeat_interleave(self.layers[0].nhead, dim=0)
+            given_ref_logit = denoising.ref_logit
         ref = ref_logit = None
         hs = []
         for layer in self.layers:
@@ -273,6 +294,8 @@ class SMCADecoder(nn.Module):
                 image_wh,
                 self.betas,
                 ref,
+                self_attn_mask,
+                given_ref_logit,
             )
             if layer_ref_logit is not None:
                 ref_logit = layer_ref_logit

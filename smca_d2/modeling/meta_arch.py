@@ -1,6 +1,6 @@
 """The SMCA-DETR meta-architecture, registered in Detectron2's ``META_ARCH_REGISTRY``."""
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +61,7 @@ class SMCADETR(nn.Module):
         size_divisibility: int = 0,
         test_topk: int = 100,
         aux_loss: bool = True,
+        denoising: Optional[nn.Module] = None,
     ):
         """
         Args:
@@ -78,6 +79,10 @@ class SMCADETR(nn.Module):
             test_topk: detections kept per image: top-k over all query x class scores.
             aux_loss: supervise every decoder layer's output (DETR's auxiliary losses); False
                 heads and supervises only the last layer's (the official ``--no_aux_loss``).
+            denoising: a training aid, not in the paper: makes denoising queries from each
+                training batch's targets (:class:`~smca_d2.modeling.denoising.DenoisingQueries`),
+                which the criterion supervises without matching. None (the paper's model) or a
+                module; inference is the same either way.
         """
         super().__init__()
         self.backbone = backbone
@@ -90,6 +95,7 @@ class SMCADETR(nn.Module):
         self.size_divisibility = size_divisibility
         self.test_topk = test_topk
         self.aux_loss = aux_loss
+        self.denoising = denoising
         d_model = transformer.d_model
 
         shapes = backbone.output_shape()
@@ -170,11 +176,16 @@ class SMCADETR(nn.Module):
             levels.append((feature, mask, pos))
         return levels
 
-    def forward_outputs(self, images: ImageList) -> Dict[str, torch.Tensor]:
+    def forward_outputs(self, images: ImageList, denoising=None) -> Dict[str, torch.Tensor]:
         """Raw outputs: ``pred_logits`` [B, Q, C], ``pred_boxes`` [B, Q, 4] (normalized cxcywh
         relative to each image's unpadded size), ``aux_outputs`` (earlier decoder layers) and
         ``ref_points`` [B, Q, 2] (the queries' normalized Gaussian centers). Without ``aux_loss``
-        the earlier layers get no heads and ``aux_outputs`` is empty."""
+        the earlier layers get no heads and ``aux_outputs`` is empty.
+
+        With ``denoising`` (a :class:`~smca_d2.modeling.denoising.DenoisingBatch`, in training)
+        the decoder also refines its D queries, whose outputs are under ``"denoising"``: the
+        batch's targets (``labels``, ``boxes``, ``valid``, ``num_groups``) and the predictions of
+        every headed layer, ``pred_logits`` [L, B, D, C] and ``pred_boxes`` [L, B, D, 4]."""
         levels = self._levels(images)
         src = torch.cat([f.flatten(2).transpose(1, 2) for f, _, _ in levels], dim=1)
         pos = torch.cat([p.flatten(2).transpose(1, 2) for _, _, p in levels], dim=1)
@@ -183,7 +194,10 @@ class SMCADETR(nn.Module):
             mask = torch.cat([m.flatten(1) for _, m, _ in levels], dim=1)
         shapes = [tuple(f.shape[-2:]) for f, _, _ in levels]
         image_wh = torch.tensor([[w, h] for h, w in images.image_sizes], dtype=torch.float32, device=src.device)
-        hs, ref_logit = self.transformer(src, pos, mask, self.query_embed.weight, shapes, self.level_strides, image_wh)
+        extra = {} if denoising is None else {"denoising": denoising}
+        hs, ref_logit = self.transformer(
+            src, pos, mask, self.query_embed.weight, shapes, self.level_strides, image_wh, **extra
+        )
         if not self.aux_loss:
             hs = hs[-1:]
         # The heads run in float32 under autocast too: in bfloat16 the box head's output, the
@@ -195,21 +209,38 @@ class SMCADETR(nn.Module):
             deltas = self.bbox_embed(hs)
             # Box centers are predicted relative to the query's Gaussian center (in logit space).
             boxes = torch.cat([deltas[..., :2] + ref_logit, deltas[..., 2:]], dim=-1).sigmoid()
-        return {
+        dn_outputs = None
+        if denoising is not None:
+            q = self.num_queries
+            dn_outputs = {
+                "pred_logits": logits[:, :, q:],
+                "pred_boxes": boxes[:, :, q:],
+                "labels": denoising.labels,
+                "boxes": denoising.boxes,
+                "valid": denoising.valid,
+                "num_groups": denoising.num_groups,
+            }
+            logits, boxes, ref_logit = logits[:, :, :q], boxes[:, :, :q], ref_logit[:, :q]
+        outputs = {
             "pred_logits": logits[-1],
             "pred_boxes": boxes[-1],
             "aux_outputs": [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])],
             "ref_points": ref_logit.sigmoid(),
         }
+        if dn_outputs is not None:
+            outputs["denoising"] = dn_outputs
+        return outputs
 
     def forward(self, batched_inputs: List[Dict]):
         images = self.preprocess_image(batched_inputs)
-        outputs = self.forward_outputs(images)
         if self.training:
             if not all("instances" in x for x in batched_inputs):
                 raise ValueError("SMCADETR needs 'instances' in every input in training mode")
             targets = self.prepare_targets([x["instances"] for x in batched_inputs])
+            denoising = None if self.denoising is None else self.denoising(targets, self.num_queries)
+            outputs = self.forward_outputs(images, denoising)
             return self.criterion(outputs, targets)
+        outputs = self.forward_outputs(images)
         results = self.inference(outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes)
         processed = []
         for result, inputs, image_size in zip(results, batched_inputs, images.image_sizes):

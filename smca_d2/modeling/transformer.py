@@ -29,7 +29,7 @@ class SMCATransformer(nn.Module):
     def d_model(self) -> int:
         return self.decoder.norm.normalized_shape[0]
 
-    def forward(self, src, pos, key_padding_mask, query_embed, level_shapes, level_strides, image_wh):
+    def forward(self, src, pos, key_padding_mask, query_embed, level_shapes, level_strides, image_wh, denoising=None):
         """
         Args:
             src, pos: [B, S, C] flattened feature levels (concatenated) and their encodings.
@@ -37,6 +37,8 @@ class SMCATransformer(nn.Module):
             query_embed: [Q, C] learned queries.
             level_shapes, level_strides: per level (H_l, W_l) and stride in pixels.
             image_wh: float [B, 2] unpadded image sizes (width, height).
+            denoising: training only, denoising queries for the decoder (it then returns
+                ``Q + D`` queries), or None.
 
         Returns:
             hs [num_dec_layers, B, Q, C], ref_logit [B, Q, 2]
@@ -47,4 +49,7 @@ class SMCATransformer(nn.Module):
                 pos, key_padding_mask, level_shapes, level_strides
             )
         query_pos = query_embed.unsqueeze(0).expand(src.shape[0], -1, -1)
-        return self.decoder(memory, pos, query_pos, key_padding_mask, level_shapes, level_strides, image_wh)
+        args = (memory, pos, query_pos, key_padding_mask, level_shapes, level_strides, image_wh)
+        if denoising is None:  # decoders without denoising support are called as before
+            return self.decoder(*args)
+        return self.decoder(*args, denoising=denoising)
