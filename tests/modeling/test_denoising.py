@@ -1,10 +1,15 @@
 """Denoising queries (smca_d2.modeling.denoising): how they are made, that the object queries
 never see them, and their losses."""
 
+import os
+import re
+import shutil
+
 import pytest
 import torch
-from tiny_smca import rendered_batch, tiny_config
+from tiny_smca import REPO, rendered_batch, tiny_config
 
+from smca_d2.engine import load_config
 from smca_d2.modeling import DenoisingQueries, HungarianMatcher, SetCriterion
 
 from detectron2.config import LazyCall as L
@@ -134,3 +139,21 @@ def test_denoising_losses_compare_each_query_with_its_own_target():
     losses = criterion.denoising_losses({**dn, "pred_boxes": moved, "num_groups": 2}, num_boxes=2.0)
     torch.testing.assert_close(losses["loss_bbox_dn"], torch.tensor(5.0 * 0.1 / 4))  # weight 5, 2 boxes x 2 groups
     assert losses["loss_bbox_dn_0"].item() < 1e-6
+
+
+def test_the_config_shown_in_getting_started_trains_with_denoising_queries(tmp_path):
+    with open(os.path.join(REPO, "docs", "GETTING_STARTED.md")) as f:
+        doc = f.read()
+    snippet = re.search(
+        r"```python\n(from detectron2.config import LazyCall as L\n\nfrom smca_d2.modeling import Denois.*?)```",
+        doc,
+        re.S,
+    )
+    assert snippet, "GETTING_STARTED.md no longer shows the denoising config"
+    shutil.copytree(os.path.join(REPO, "configs"), tmp_path / "configs")
+    path = tmp_path / "configs" / "demo" / "with_denoising.py"
+    path.write_text(snippet.group(1))
+    cfg = load_config(str(path), ["model.transformer.decoder.num_layers=1", "model.num_queries=5"])
+    model = instantiate(cfg.model).train()
+    assert isinstance(model.denoising, DenoisingQueries) and model.denoising.num_groups == 2
+    assert "loss_bbox_dn" in model(rendered_batch(2))
