@@ -15,7 +15,6 @@ import numpy as np
 
 from detectron2.data.catalog import Metadata
 from detectron2.structures import Instances
-from detectron2.utils.visualizer import ColorMode, Visualizer
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -124,6 +123,10 @@ def draw_instances(
     Returns:
         HxWx3 uint8 RGB drawing.
     """
+    # Imported here: the visualizer brings matplotlib, which train_net.py and the tools that only
+    # load weights through this package do not need.
+    from detectron2.utils.visualizer import ColorMode, Visualizer
+
     metadata = Metadata(name="smca_d2_demo")
     if class_names is not None:
         metadata.thing_classes = list(class_names)

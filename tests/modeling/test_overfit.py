@@ -75,7 +75,7 @@ def test_tiny_smca_overfits_one_image(modulate):
     model = instantiate(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4, weight_decay=1e-4)
     model.train()
-    for _ in range(300):
+    for _ in range(120):  # AP 0.90 at 120 steps with and without the modulation (0.98 at 300)
         loss = sum(model(inputs).values())
         optimizer.zero_grad()
         loss.backward()
