@@ -16,7 +16,7 @@ where there are no denoising queries and the model is the plain SMCA-DETR.
 """
 
 import math
-from typing import Dict, List, NamedTuple, Optional
+from typing import Dict, List, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -136,18 +136,17 @@ class DenoisingQueries(nn.Module):
         mask[:, own, own] = False  # ... but themselves, so that no row is all masked
         return mask
 
-    def forward(self, targets: List[Dict[str, Tensor]], num_queries: int) -> Optional[DenoisingBatch]:
+    def forward(self, targets: List[Dict[str, Tensor]], num_queries: int) -> DenoisingBatch:
         """
         Args:
             targets: per image ``"labels"`` [N_i] and normalized cxcywh ``"boxes"`` [N_i, 4].
             num_queries: the model's number of object queries.
 
         Returns:
-            DenoisingBatch, or None when no image has a target.
+            DenoisingBatch; with ``D = 0`` when no image has a target, so that the embeddings
+            still take part in the backward pass (as DDP needs of every parameter).
         """
         per_image = max((len(t["labels"]) for t in targets), default=0)
-        if per_image == 0:
-            return None
         device = self.label_embed.weight.device
         labels, boxes, valid = self._padded_targets(targets, per_image, device)
         labels = labels.repeat(1, self.num_groups)

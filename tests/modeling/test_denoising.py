@@ -73,15 +73,24 @@ def test_attention_mask_keeps_object_queries_and_groups_apart():
     assert not mask.all(-1).any()  # no query has every key masked
 
 
-def test_no_targets_no_queries_and_bad_arguments_are_refused():
-    dn = DenoisingQueries(num_classes=5, d_model=32)
-    assert dn(_targets([0, 0]), num_queries=3) is None
+def test_bad_arguments_are_refused():
     with pytest.raises(ValueError, match="multiple of 8"):
         DenoisingQueries(num_classes=5, d_model=36)
     with pytest.raises(ValueError, match="num_groups"):
         DenoisingQueries(num_classes=5, d_model=32, num_groups=0)
     with pytest.raises(ValueError, match="box_noise"):
         DenoisingQueries(num_classes=5, d_model=32, box_noise=1.5)
+
+
+def test_a_batch_without_targets_still_trains_every_parameter():
+    _, with_dn = _models()
+    batch = rendered_batch(2)
+    for inputs in batch:
+        inputs["instances"] = inputs["instances"][:0]
+    losses = with_dn.train()(batch)
+    assert losses["loss_bbox_dn"].item() == 0 and losses["loss_class_dn"].item() == 0
+    sum(losses.values()).backward()
+    assert all(p.grad is not None for p in with_dn.denoising.parameters())  # as DDP needs
 
 
 def _models():
