@@ -43,9 +43,13 @@ def main(argv=None) -> None:
     add("--seed", type=int, default=0, help="random seed (default: %(default)s)")
     args = parser.parse_args(argv)
 
+    # Images per second on the fastest and the slowest 2-core hosts met (docs/DEMO_HISTORY.md).
+    images = args.num_train + args.num_val
+    low, high = (max(1, round(images / rate)) for rate in (500, 190))
+    estimate = f"{low} s" if low == high else f"{low}-{high} s"
     print(
         f"generating {args.num_train} training and {args.num_val} validation images in {args.output}"
-        f" (about {max(1, round((args.num_train + args.num_val) / 400))} s on 2 cores)",
+        f" (about {estimate} on 2 cores)",
         flush=True,
     )
     start = time.perf_counter()
