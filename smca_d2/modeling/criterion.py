@@ -195,25 +195,24 @@ class SetCriterion(nn.Module):
             dict[str, Tensor]: ``loss_class_dn``, ``loss_bbox_dn``, ``loss_giou_dn`` of the last
             layer, and with the suffix ``_i`` those of the earlier layer ``i``.
         """
+        # The valid queries of all images as one image of N queries, each matched to its own
+        # target in every layer: then the matched queries' losses apply as they are.
         image, query = dn["valid"].nonzero(as_tuple=True)
-        logits = dn["pred_logits"][:, image, query].float()  # [L, N, C]
-        onehot = torch.zeros_like(logits)
-        onehot[:, torch.arange(len(image), device=logits.device), dn["labels"][image, query]] = 1.0
-        src = dn["pred_boxes"][:, image, query].float()  # [L, N, 4]
-        tgt = dn["boxes"][image, query].float().expand_as(src)
-        l1 = (src - tgt).abs().sum(dim=(1, 2))
-        giou = elementwise_generalized_box_iou(
-            box_convert(src, "cxcywh", "xyxy").flatten(0, 1), box_convert(tgt, "cxcywh", "xyxy").flatten(0, 1)
+        logits = dn["pred_logits"][:, image, query][:, None]  # [L, 1, N, C]
+        boxes = dn["pred_boxes"][:, image, query][:, None]  # [L, 1, N, 4]
+        num_layers, n = logits.shape[0], len(image)
+        device = logits.device
+        matched = _Matched(
+            per_layer=[n] * num_layers,
+            layer=torch.arange(num_layers, device=device).repeat_interleave(n),
+            image=torch.zeros(num_layers * n, dtype=torch.int64, device=device),
+            query=torch.arange(n, device=device).repeat(num_layers),
+            labels=dn["labels"][image, query].repeat(num_layers),
+            boxes=dn["boxes"][image, query].repeat(num_layers, 1),
         )
-        giou_loss = (1 - giou).view(src.shape[:2]).sum(dim=1)
         normalizer = num_boxes * dn["num_groups"]
-        class_loss = torch.stack(
-            [
-                sigmoid_focal_loss(lo, oh, normalizer, alpha=self.focal_alpha, gamma=self.focal_gamma)
-                for lo, oh in zip(logits, onehot)
-            ]
-        )
-        return self._named(torch.stack([class_loss, l1 / normalizer, giou_loss / normalizer], dim=1), "_dn")
+        class_loss = self.loss_class(logits, matched, normalizer)
+        return self._named(torch.cat([class_loss[:, None], self.loss_boxes(boxes, matched, normalizer)], dim=1), "_dn")
 
     def _named(self, losses: Tensor, tag: str = "") -> Dict[str, Tensor]:
         """[L, 3] losses of L decoder layers (class, L1, GIoU), before their weights, as the weighted losses
