@@ -8,16 +8,33 @@ Usage (from the repository root)::
 """
 
 import argparse
+import importlib.util
 import json
 import os
+import sys
 import time
 
-from smca_d2.data.datasets import datasets_root
-from smca_d2.data.synthetic import make_synthetic_coco
+
+def _generator_module():
+    """``smca_d2.data.synthetic``, loaded from its file: it needs only numpy and PIL, while
+    importing the ``smca_d2`` package imports torch and detectron2 (seconds of a CPU's time,
+    which `make demo` would spend before generating anything)."""
+    if "smca_d2.data.synthetic" in sys.modules:
+        return sys.modules["smca_d2.data.synthetic"]
+    package = importlib.util.find_spec("smca_d2")  # finds the package without importing it
+    if package is None:
+        raise SystemExit("smca_d2 is not installed: run `make install` or `pip install -e .` first")
+    path = os.path.join(package.submodule_search_locations[0], "data", "synthetic.py")
+    spec = importlib.util.spec_from_file_location("_smca_d2_synthetic", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # the worker processes' jobs are pickled by module name
+    spec.loader.exec_module(module)
+    return module
 
 
 def default_output() -> str:
-    return os.path.join(datasets_root(), "synthetic")
+    # As smca_d2.data.datasets.datasets_root() (tests/data/test_dataset_scripts.py checks it).
+    return os.path.join(os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets")), "synthetic")
 
 
 def main(argv=None) -> None:
@@ -53,7 +70,7 @@ def main(argv=None) -> None:
         flush=True,
     )
     start = time.perf_counter()
-    paths = make_synthetic_coco(
+    paths = _generator_module().make_synthetic_coco(
         args.output,
         num_train=args.num_train,
         num_val=args.num_val,
