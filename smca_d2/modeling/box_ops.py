@@ -21,7 +21,7 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
-__all__ = ["box_area", "box_iou", "elementwise_generalized_box_iou", "generalized_box_iou"]
+__all__ = ["box_area", "box_iou", "elementwise_box_iou", "elementwise_generalized_box_iou", "generalized_box_iou"]
 
 _EPS = 1e-7
 
@@ -78,6 +78,35 @@ def generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     return iou - (enclosing - union) / enclosing
 
 
+def _check_pairs(name: str, boxes1: Tensor, boxes2: Tensor) -> None:
+    if boxes1.shape != boxes2.shape:
+        raise ValueError(f"{name} needs boxes of equal shape, got {tuple(boxes1.shape)} and {tuple(boxes2.shape)}")
+
+
+def _elementwise_iou_union(boxes1: Tensor, boxes2: Tensor) -> Tuple[Tensor, Tensor]:
+    area1 = box_area(boxes1)
+    area2 = box_area(boxes2)
+    inter_wh = (torch.min(boxes1[:, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
+    inter = inter_wh[:, 0] * inter_wh[:, 1]
+    union = (area1 + area2 - inter).clamp(min=_EPS)
+    return inter / union, union
+
+
+def elementwise_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
+    """IoU of matched pairs ``(boxes1[i], boxes2[i])``: ``box_iou(boxes1, boxes2)[0].diag()``
+    without building the [N, N] matrix.
+
+    Args:
+        boxes1: [N, 4] boxes.
+        boxes2: [N, 4] boxes.
+
+    Returns:
+        Tensor: [N] IoU values in ``[0, 1]``.
+    """
+    _check_pairs("elementwise_box_iou", boxes1, boxes2)
+    return _elementwise_iou_union(boxes1, boxes2)[0]
+
+
 def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """Generalized IoU of matched pairs ``(boxes1[i], boxes2[i])``.
 
@@ -90,16 +119,8 @@ def elementwise_generalized_box_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     Returns:
         Tensor: [N] GIoU values in ``[-1, 1]``.
     """
-    if boxes1.shape != boxes2.shape:
-        raise ValueError(
-            f"elementwise_generalized_box_iou needs boxes of equal shape, got "
-            f"{tuple(boxes1.shape)} and {tuple(boxes2.shape)}"
-        )
-    area1 = box_area(boxes1)
-    area2 = box_area(boxes2)
-    inter_wh = (torch.min(boxes1[:, 2:], boxes2[:, 2:]) - torch.max(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
-    inter = inter_wh[:, 0] * inter_wh[:, 1]
-    union = (area1 + area2 - inter).clamp(min=_EPS)
+    _check_pairs("elementwise_generalized_box_iou", boxes1, boxes2)
+    iou, union = _elementwise_iou_union(boxes1, boxes2)
     encl_wh = (torch.max(boxes1[:, 2:], boxes2[:, 2:]) - torch.min(boxes1[:, :2], boxes2[:, :2])).clamp(min=0)
     enclosing = (encl_wh[:, 0] * encl_wh[:, 1]).clamp(min=_EPS)
-    return inter / union - (enclosing - union) / enclosing
+    return iou - (enclosing - union) / enclosing

@@ -6,12 +6,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torchvision.ops import box_convert
 from torchvision.ops import sigmoid_focal_loss as _torchvision_focal_loss
 
-from .box_ops import elementwise_generalized_box_iou
+from .box_ops import elementwise_box_iou, elementwise_generalized_box_iou
 
-__all__ = ["sigmoid_focal_loss", "SetCriterion"]
+__all__ = ["sigmoid_focal_loss", "varifocal_loss", "SetCriterion"]
 
 _LOSS_NAMES = ("loss_class", "loss_bbox", "loss_giou")
 
@@ -40,6 +41,36 @@ def sigmoid_focal_loss(
     return loss / num_boxes
 
 
+def varifocal_loss(
+    inputs: Tensor, quality: Tensor, positive: Tensor, num_boxes: float, alpha: float = 0.25, gamma: float = 2.0
+) -> Tensor:
+    """Varifocal loss (VarifocalNet, https://arxiv.org/abs/2008.13367, as RT-DETR applies it to
+    matched queries) summed over all elements and divided by ``num_boxes``, in float32.
+
+    A positive's target is its quality (the IoU of its box with its target's) instead of 1, and it
+    is weighted by that quality; a negative is weighted as in the focal loss, by
+    ``(1 - alpha) * p ** gamma``. The weights and targets carry no gradient.
+
+    Args:
+        inputs: [...] logits.
+        quality: [...] targets in ``[0, 1]``, 0 where ``positive`` is False.
+        positive: [...] bool, the matched query-class entries.
+        num_boxes: normalizer, the number of target boxes.
+        alpha, gamma: as in :func:`sigmoid_focal_loss` (only the negatives' weight uses them).
+
+    Returns:
+        Tensor: scalar loss, float32.
+    """
+    inputs = inputs.float()
+    quality = quality.float()
+    weight = torch.where(positive, quality, (1 - alpha) * inputs.detach().sigmoid().pow(gamma))
+    loss = F.binary_cross_entropy_with_logits(inputs, quality, weight=weight, reduction="sum")
+    return loss / num_boxes
+
+
+_CLASS_LOSSES = ("focal", "varifocal")
+
+
 class SetCriterion(nn.Module):
     """Losses of SMCA-DETR: match predictions to targets with a Hungarian matcher, then apply a
     sigmoid focal loss to the classes of all queries and L1 + GIoU losses to the matched boxes.
@@ -56,6 +87,7 @@ class SetCriterion(nn.Module):
         weight_dict: Optional[Dict[str, float]] = None,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        class_loss: str = "focal",
     ):
         """
         Args:
@@ -67,6 +99,10 @@ class SetCriterion(nn.Module):
                 Defaults to ``{"loss_class": 2.0, "loss_bbox": 5.0, "loss_giou": 2.0}``.
             focal_alpha: alpha of the focal loss.
             focal_gamma: gamma of the focal loss.
+            class_loss: ``"focal"`` (the paper's: one-hot targets) or ``"varifocal"`` (not in the
+                paper: a matched query's target is the IoU of its box with its target's, see
+                :func:`varifocal_loss`; then the scores rank the detections by their expected
+                IoU, and the class loss sees how well each box fits).
         """
         super().__init__()
         if weight_dict is None:
@@ -75,8 +111,11 @@ class SetCriterion(nn.Module):
             raise ValueError(
                 f"SetCriterion weight_dict must have exactly the keys {list(_LOSS_NAMES)}, got {sorted(weight_dict)}."
             )
+        if class_loss not in _CLASS_LOSSES:
+            raise ValueError(f"SetCriterion class_loss must be one of {list(_CLASS_LOSSES)}, got {class_loss!r}.")
         self.num_classes = num_classes
         self.matcher = matcher
+        self.class_loss = class_loss
         self.weight_dict = {k: float(v) for k, v in weight_dict.items()}
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma
@@ -84,32 +123,51 @@ class SetCriterion(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"num_classes={self.num_classes}, weight_dict={self.weight_dict}, "
-            f"focal_alpha={self.focal_alpha}, focal_gamma={self.focal_gamma}"
+            f"focal_alpha={self.focal_alpha}, focal_gamma={self.focal_gamma}, class_loss={self.class_loss!r}"
         )
 
-    def loss_class(self, logits: Tensor, matched: "_Matched", num_boxes: float) -> Tensor:
-        """Sigmoid focal loss against one-hot targets; unmatched queries are all-zero
+    def loss_class(self, logits: Tensor, matched: "_Matched", num_boxes: float, boxes: Tensor) -> Tensor:
+        """Class loss of every query: the focal loss against one-hot targets, or the varifocal
+        loss against the matched boxes' IoUs (``class_loss``); unmatched queries are all-zero
         (background).
 
         Args:
             logits: [L, B, Q, C] class logits of L decoder layers.
             matched: the matched queries and their targets.
+            boxes: [L, B, Q, 4] the layers' normalized ``(cx, cy, w, h)`` boxes (the varifocal
+                loss's targets; the class loss gives them no gradient).
 
         Returns:
             Tensor: [L] loss of each layer.
         """
         if logits.shape[-1] != self.num_classes:
             raise ValueError(f"SetCriterion expects {self.num_classes} class logits, got {logits.shape[-1]}.")
-        onehot = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
-        onehot[matched.layer, matched.image, matched.query, matched.labels] = 1.0
+        entries = (matched.layer, matched.image, matched.query, matched.labels)
+        target = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+        if self.class_loss == "focal":
+            target[entries] = 1.0
+            losses = [
+                sigmoid_focal_loss(
+                    layer_logits, layer_target, num_boxes, alpha=self.focal_alpha, gamma=self.focal_gamma
+                )
+                for layer_logits, layer_target in zip(logits, target)
+            ]
+        else:
+            with torch.no_grad():
+                src = box_convert(boxes[matched.layer, matched.image, matched.query].float(), "cxcywh", "xyxy")
+                target[entries] = elementwise_box_iou(src, box_convert(matched.boxes.float(), "cxcywh", "xyxy"))
+            positive = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+            positive[entries] = True
+            losses = [
+                varifocal_loss(
+                    layer_logits, layer_target, layer_positive, num_boxes, self.focal_alpha, self.focal_gamma
+                )
+                for layer_logits, layer_target, layer_positive in zip(logits, target, positive)
+            ]
         # One layer at a time: the elementwise kernels then see the tensors of one layer alone and
         # round exactly as they do without the other layers (the vectorized loops' remainders
         # depend on the number of elements).
-        per_layer = [
-            sigmoid_focal_loss(layer_logits, layer_onehot, num_boxes, alpha=self.focal_alpha, gamma=self.focal_gamma)
-            for layer_logits, layer_onehot in zip(logits, onehot)
-        ]
-        return torch.stack(per_layer)
+        return torch.stack(losses)
 
     def loss_boxes(self, boxes: Tensor, matched: "_Matched", num_boxes: float) -> Tensor:
         """L1 and ``1 - GIoU`` losses of the matched boxes, summed and divided by ``num_boxes``.
@@ -174,7 +232,7 @@ class SetCriterion(nn.Module):
         boxes = torch.stack([layer["pred_boxes"] for layer in layers])
         num_boxes = self._num_boxes(targets, logits.device)
         matched = _Matched.gather(self._match_layers(logits, boxes, targets), targets, logits.device)
-        class_loss = self.loss_class(logits, matched, num_boxes)
+        class_loss = self.loss_class(logits, matched, num_boxes, boxes)
         losses = self._named(torch.cat([class_loss[:, None], self.loss_boxes(boxes, matched, num_boxes)], dim=1))
         if outputs.get("denoising") is not None:
             losses.update(self.denoising_losses(outputs["denoising"], num_boxes))
@@ -211,7 +269,7 @@ class SetCriterion(nn.Module):
             boxes=dn["boxes"][image, query].repeat(num_layers, 1),
         )
         normalizer = num_boxes * dn["num_groups"]
-        class_loss = self.loss_class(logits, matched, normalizer)
+        class_loss = self.loss_class(logits, matched, normalizer, boxes)
         return self._named(torch.cat([class_loss[:, None], self.loss_boxes(boxes, matched, normalizer)], dim=1), "_dn")
 
     def _named(self, losses: Tensor, tag: str = "") -> Dict[str, Tensor]:

@@ -7,8 +7,14 @@ from torchvision.ops import box_convert
 
 from smca_d2.modeling import box_ops
 from smca_d2.modeling import criterion as criterion_module
-from smca_d2.modeling.box_ops import box_area, box_iou, elementwise_generalized_box_iou, generalized_box_iou
-from smca_d2.modeling.criterion import SetCriterion, sigmoid_focal_loss
+from smca_d2.modeling.box_ops import (
+    box_area,
+    box_iou,
+    elementwise_box_iou,
+    elementwise_generalized_box_iou,
+    generalized_box_iou,
+)
+from smca_d2.modeling.criterion import SetCriterion, sigmoid_focal_loss, varifocal_loss
 from smca_d2.modeling.matcher import HungarianMatcher
 
 ALPHA, GAMMA = 0.25, 2.0
@@ -127,8 +133,10 @@ def test_elementwise_matches_diagonal():
     b1 = box_cxcywh_to_xyxy(torch.rand(16, 4, generator=g))
     b2 = box_cxcywh_to_xyxy(torch.rand(16, 4, generator=g))
     torch.testing.assert_close(elementwise_generalized_box_iou(b1, b2), generalized_box_iou(b1, b2).diag())
-    with pytest.raises(ValueError):
-        elementwise_generalized_box_iou(b1, b2[:3])
+    torch.testing.assert_close(elementwise_box_iou(b1, b2), box_iou(b1, b2)[0].diag())
+    for function in (elementwise_generalized_box_iou, elementwise_box_iou):
+        with pytest.raises(ValueError, match="equal shape"):
+            function(b1, b2[:3])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,8 +282,8 @@ def test_matcher_runs_without_grad():
 # ---------------------------------------------------------------------------------------------
 # SetCriterion
 # ---------------------------------------------------------------------------------------------
-def _criterion(weight_dict=None, num_classes=3):
-    return SetCriterion(num_classes=num_classes, matcher=HungarianMatcher(), weight_dict=weight_dict)
+def _criterion(weight_dict=None, num_classes=3, **kwargs):
+    return SetCriterion(num_classes=num_classes, matcher=HungarianMatcher(), weight_dict=weight_dict, **kwargs)
 
 
 def _focal_term(logit, target):
@@ -304,6 +312,59 @@ def test_criterion_class_loss_hand_computed():
     losses = _criterion(num_classes=2)(outputs, [_target([1], [[0.5, 0.5, 0.2, 0.2]])])
     expected = 2.0 * (_focal_term(0.5, 0) + _focal_term(-1.0, 1))
     assert losses["loss_class"].item() == pytest.approx(expected, rel=1e-6)
+
+
+def _varifocal_term(logit, quality, positive):
+    """One entry of the varifocal loss, written out: BCE against the quality, weighted by it
+    (positives) or by (1 - alpha) p^gamma (negatives)."""
+    p = 1 / (1 + math.exp(-logit))
+    bce = -(quality * math.log(p) + (1 - quality) * math.log(1 - p))
+    return (quality if positive else (1 - ALPHA) * p**GAMMA) * bce
+
+
+def test_varifocal_loss_hand_computed():
+    logits = torch.tensor([[[0.5, -1.0, 2.0]]])
+    quality = torch.tensor([[[0.0, 0.6, 0.0]]])
+    positive = torch.tensor([[[False, True, True]]])  # a positive of quality 0 weighs nothing
+    expected = _varifocal_term(0.5, 0.0, False) + _varifocal_term(-1.0, 0.6, True)
+    loss = varifocal_loss(logits, quality, positive, num_boxes=2)
+    assert loss.item() == pytest.approx(expected / 2, rel=1e-6)
+    # The negatives' weight is the focal loss's: with no positive, the two losses are equal.
+    none = torch.zeros_like(positive)
+    torch.testing.assert_close(
+        varifocal_loss(logits, torch.zeros_like(quality), none, 1),
+        sigmoid_focal_loss(logits, torch.zeros_like(quality), 1),
+    )
+
+
+def test_criterion_varifocal_targets_are_the_matched_ious():
+    outputs = {
+        "pred_logits": torch.tensor([[[0.5, -1.0], [0.3, 0.2]]], requires_grad=True),
+        "pred_boxes": torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.2, 0.2, 0.1, 0.1]]], requires_grad=True),
+    }
+    target = _target([1], [[0.6, 0.5, 0.2, 0.2]])  # query 0, shifted by half a width: IoU 1/3
+    focal = _criterion(num_classes=2)(outputs, [target])
+    varifocal = _criterion(num_classes=2, class_loss="varifocal")(outputs, [target])
+    expected = 2.0 * (
+        _varifocal_term(0.5, 0.0, False)
+        + _varifocal_term(-1.0, 1 / 3, True)
+        + _varifocal_term(0.3, 0.0, False)
+        + _varifocal_term(0.2, 0.0, False)
+    )
+    assert varifocal["loss_class"].item() == pytest.approx(expected, rel=1e-5)
+    for name in ("loss_bbox", "loss_giou"):  # the same match, the same box losses
+        assert varifocal[name].item() == focal[name].item()
+    # The class loss trains the logits, not the boxes its targets are computed from.
+    logits_grad, boxes_grad = torch.autograd.grad(
+        varifocal["loss_class"], [outputs["pred_logits"], outputs["pred_boxes"]], allow_unused=True
+    )
+    assert logits_grad.abs().sum() > 0
+    assert boxes_grad is None or boxes_grad.abs().sum() == 0
+
+
+def test_criterion_rejects_an_unknown_class_loss():
+    with pytest.raises(ValueError, match="class_loss must be one of"):
+        _criterion(class_loss="softmax")
 
 
 def test_criterion_perfect_boxes():
