@@ -1,6 +1,6 @@
 # The demo job (`make demo`): SMCA single-scale trained from scratch on the CPU on the generated
 # shapes dataset (datasets/prepare_synthetic.py: 4000 training images), evaluated with
-# COCOEvaluator every 1000 iterations (the learning curve of tools/demo_report.py).
+# COCOEvaluator every 750 iterations (the learning curve of tools/demo_report.py).
 # The small model of configs/common/r18_synthetic.py, changed for the demo's budget on 2 cores
 # (docs/DEMO_HISTORY.md has the measurements behind each change):
 # * res3 features (stride 8) instead of res4 (stride 16): the objects are 12..60 px in ~128 px
@@ -12,8 +12,8 @@
 # * lr 8e-4 instead of 2e-4, no dropout, the backbone in channels-last memory format;
 # * two training aids that are not in the paper and leave the inference model as it is: two
 #   groups of denoising queries (DN-DETR) and the varifocal class loss (a matched query's class
-#   target is the IoU of its box): together they reach the AP of 4000 iterations without them in
-#   3000 (docs/GETTING_STARTED.md describes both);
+#   target is the IoU of its box): with both, 3000 iterations reach about the AP that 4000 reached
+#   without them (docs/GETTING_STARTED.md describes both);
 # * batches of images of one size (rounded up to 16 px): the flips keep image sizes, so a batch
 #   is padded much less than with the aspect-ratio grouping;
 # * the data loaded in the training process: on 2 cores a loader process takes CPU time from

@@ -164,5 +164,5 @@ def test_the_config_shown_in_getting_started_trains_with_denoising_queries(tmp_p
     path.write_text(snippet.group(1))
     cfg = load_config(str(path), ["model.transformer.decoder.num_layers=1", "model.num_queries=5"])
     model = instantiate(cfg.model).train()
-    assert isinstance(model.denoising, DenoisingQueries) and model.denoising.num_groups == 2
+    assert isinstance(model.denoising, DenoisingQueries) and model.denoising.num_groups == 3
     assert "loss_bbox_dn" in model(rendered_batch(2))
