@@ -283,7 +283,7 @@ def test_prepare_synthetic_cli(tmp_path, capsys, monkeypatch):
     assert len(_load_json(tmp_path / "s" / "annotations" / "train.json")["images"]) == 4
 
 
-def test_prepare_synthetic_does_not_import_torch(tmp_path):
+def test_prepare_synthetic_does_not_import_torch(tmp_path, monkeypatch):
     """`make demo` runs the script before training: it must not spend seconds importing torch
     and detectron2 (the generator needs numpy and PIL), and its default output is the one the
     registered datasets read."""
@@ -292,12 +292,17 @@ def test_prepare_synthetic_does_not_import_torch(tmp_path):
         f"sys.argv = ['prepare_synthetic.py', '--output', {str(tmp_path / 's')!r}, '--num-train', '3', '--num-val', '1']\n"
         "module = runpy.run_path('datasets/prepare_synthetic.py', run_name='__main__')\n"
         "assert 'torch' not in sys.modules and 'smca_d2' not in sys.modules, sorted(sys.modules)\n"
-        "import smca_d2.data.datasets as d\n"
-        "assert module['default_output']() == __import__('os').path.join(d.datasets_root(), 'synthetic')\n"
+        "print(module['default_output']())\n"
     )
     env = {**os.environ, "DETECTRON2_DATASETS": str(tmp_path / "root")}
-    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, check=True)
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, env=env, check=True, capture_output=True, text=True
+    )
     assert len(_load_json(tmp_path / "s" / "annotations" / "train.json")["images"]) == 3
+    from smca_d2.data.datasets import datasets_root
+
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "root"))
+    assert run.stdout.splitlines()[-1] == os.path.join(datasets_root(), "synthetic")
 
 
 def test_prepare_deepforest_cli(fake_wheel, tmp_path, capsys):
