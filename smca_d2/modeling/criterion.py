@@ -144,6 +144,9 @@ class SetCriterion(nn.Module):
             raise ValueError(f"SetCriterion expects {self.num_classes} class logits, got {logits.shape[-1]}.")
         entries = (matched.layer, matched.image, matched.query, matched.labels)
         target = torch.zeros(logits.shape, dtype=torch.float32, device=logits.device)
+        # One layer at a time: the elementwise kernels then see the tensors of one layer alone and
+        # round exactly as they do without the other layers (the vectorized loops' remainders
+        # depend on the number of elements).
         if self.class_loss == "focal":
             target[entries] = 1.0
             losses = [
@@ -164,9 +167,6 @@ class SetCriterion(nn.Module):
                 )
                 for layer_logits, layer_target, layer_positive in zip(logits, target, positive)
             ]
-        # One layer at a time: the elementwise kernels then see the tensors of one layer alone and
-        # round exactly as they do without the other layers (the vectorized loops' remainders
-        # depend on the number of elements).
         return torch.stack(losses)
 
     def loss_boxes(self, boxes: Tensor, matched: "_Matched", num_boxes: float) -> Tensor:
